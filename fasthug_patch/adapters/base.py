@@ -1,0 +1,121 @@
+"""What every adapter shares: the wrap/unwrap mechanics and the facts read from a call."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import wrapt
+
+from fasthug_patch import capabilities
+from fasthug_patch.capabilities import Facts
+
+
+@dataclass
+class PatchTarget:
+    owner: object  # module or class
+    attribute: str
+    wrapper: object  # wrapt-style wrapper(wrapped, instance, args, kwargs)
+
+
+class InstalledPatch:
+    """The wrappers in place; ``remove()`` puts back the exact original objects."""
+
+    def __init__(self, adapter, targets: list[PatchTarget]) -> None:
+        self.adapter = adapter
+        self._originals: list[tuple[object, str, object]] = []
+        try:
+            for target in targets:
+                original = _raw_attribute(target.owner, target.attribute)
+                wrapt.wrap_function_wrapper(target.owner, target.attribute, target.wrapper)
+                self._originals.append((target.owner, target.attribute, original))
+        except Exception:
+            self.remove()
+            raise
+
+    def remove(self) -> None:
+        while self._originals:
+            owner, attribute, original = self._originals.pop()
+            setattr(owner, attribute, original)
+
+    @property
+    def wrapped_names(self) -> list[str]:
+        return [f"{getattr(o, '__name__', o)}.{a}" for o, a, _ in self._originals]
+
+
+def _raw_attribute(owner, attribute):
+    # For a class, take the descriptor itself (the classmethod object), not the bound method.
+    if isinstance(owner, type):
+        return owner.__dict__[attribute]
+    return getattr(owner, attribute)
+
+
+class Adapter:
+    """One transformers line. Subclasses name that line's private functions."""
+
+    name = "base"
+    dtype_kwarg = "dtype"
+
+    def __init__(self, transformers_module, modeling_utils) -> None:
+        self.transformers = transformers_module
+        self.modeling_utils = modeling_utils
+        self.version = transformers_module.__version__
+
+    def patch_targets(self) -> list[PatchTarget]:
+        raise NotImplementedError
+
+    # -- facts about a from_pretrained call ------------------------------------
+    def call_facts(self, cls, args, kwargs) -> Facts:
+        quant = kwargs.get("quantization_config")
+        config = kwargs.get("config")
+        config_quant = getattr(config, "quantization_config", None) if config is not None else None
+        return Facts(
+            transformers_version=self.version,
+            model_class=getattr(cls, "__name__", str(cls)),
+            model_module=getattr(cls, "__module__", "") or "",
+            supports_param_buffer_assignment=getattr(cls, "_supports_param_buffer_assignment", None),
+            device_kinds=capabilities.device_kinds(kwargs.get("device_map")),
+            quantization=_quant_method(quant) or _quant_method(config_quant),
+            tensor_parallel=any(kwargs.get(k) is not None for k in ("tp_plan", "tp_size", "device_mesh"))
+            or kwargs.get("distributed_config") is not None,
+            deepspeed_zero3=self._deepspeed_zero3(),
+            fsdp_low_mem=self._fsdp_low_mem(),
+            gguf=bool(kwargs.get("gguf_file")),
+            foreign_format="tf" if kwargs.get("from_tf") else "flax" if kwargs.get("from_flax") else None,
+            state_dict_given=kwargs.get("state_dict") is not None,
+            disk_offload=bool(kwargs.get("offload_folder") or kwargs.get("offload_state_dict")),
+            parallel_shard_env=self._parallel_shard_env(),
+            disable_mmap=bool(kwargs.get("disable_mmap")),
+        )
+
+    def _deepspeed_zero3(self) -> bool:
+        try:
+            from transformers.integrations import is_deepspeed_zero3_enabled
+
+            return bool(is_deepspeed_zero3_enabled())
+        except Exception:  # noqa: BLE001
+            return False
+
+    def _fsdp_low_mem(self) -> bool:
+        try:
+            from transformers.integrations import is_fsdp_enabled
+
+            return bool(is_fsdp_enabled())
+        except Exception:  # noqa: BLE001
+            return False
+
+    def _parallel_shard_env(self) -> bool:
+        return False
+
+
+def _quant_method(config) -> str | None:
+    if config is None:
+        return None
+    if isinstance(config, dict):
+        return str(config.get("quant_method", "unknown"))
+    method = getattr(config, "quant_method", None)
+    return str(getattr(method, "value", method) or type(config).__name__)
+
+
+def env_true(name: str) -> bool:
+    return os.environ.get(name, "").strip().upper() in {"1", "ON", "YES", "TRUE"}

@@ -1,0 +1,138 @@
+"""transformers 5.x: the only module that knows 5.x's private loading names.
+
+5.x flow: from_pretrained -> _get_resolved_checkpoint_files (we note the files) -> model
+built on meta -> _load_pretrained_model opens every safetensors file and passes lazy slices
+to convert_and_load_state_dict_in_model (imported by name into modeling_utils, patched
+there), which renames/converts keys, decides each tensor's device and dtype, and calls
+core_model_loading.spawn_materialize(thread_pool, tensor, device, dtype, ...) per tensor.
+
+We swap the lazy slices for our own sources (validated against the slices' shapes and
+dtypes) and answer spawn_materialize from our engine. Every decision (target dtype, device,
+renaming, MoE fusion, tying, missing keys) stays stock's.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import sys
+
+from fasthug_patch import capabilities, loadcall
+from fasthug_patch.adapters.base import Adapter, PatchTarget
+from fasthug_patch.adapters.sources import MappedSource, check_bin_tensors
+from fasthug_patch.capabilities import Facts
+from fasthug_patch.entry import make_from_pretrained_wrapper
+from fasthug_patch.errors import FastPathError
+
+# Set while stock convert_and_load runs for a fast load in this thread.
+_session: contextvars.ContextVar[loadcall.LoadCall | None] = contextvars.ContextVar("fasthug_v5", default=None)
+
+
+class V5Adapter(Adapter):
+    name = "v5"
+    dtype_kwarg = "dtype"
+
+    def patch_targets(self) -> list[PatchTarget]:
+        mu = self.modeling_utils
+        core = sys.modules[mu.convert_and_load_state_dict_in_model.__module__]
+        return [
+            PatchTarget(mu.PreTrainedModel, "from_pretrained", make_from_pretrained_wrapper(self)),
+            PatchTarget(mu, "_get_resolved_checkpoint_files", self._resolved_files),
+            PatchTarget(mu, "convert_and_load_state_dict_in_model", self._convert_and_load),
+            PatchTarget(core, "spawn_materialize", self._spawn_materialize),
+        ]
+
+    # -- wrappers ---------------------------------------------------------------
+    def _resolved_files(self, wrapped, instance, args, kwargs):
+        result = wrapped(*args, **kwargs)
+        call = loadcall.current()
+        if call is not None and isinstance(result, tuple) and result:
+            call.checkpoint_files = result[0]  # the same list stock later extends
+        return result
+
+    def _convert_and_load(self, wrapped, instance, args, kwargs):
+        call = loadcall.current()
+        if call is None or _session.get() is not None:
+            return wrapped(*args, **kwargs)
+        model, state_dict, load_config, rest = _bind_convert(*args, **kwargs)
+        try:
+            decision = capabilities.decide(self._load_facts(call, model, load_config), "load")
+            sources = self._sources(call, state_dict) if decision.fast else None
+        except FastPathError as exc:
+            decision, sources = capabilities.Decision(False, str(exc), "sources"), None
+        if sources is None:
+            call.declined(decision.reason)
+            return wrapped(*args, **kwargs)
+
+        call.entered_fast_internals = True
+        token = _session.set(call)
+        try:
+            with call.report.phase("load_weights"):
+                result = wrapped(model, sources, load_config, **rest)
+        finally:
+            _session.reset(token)
+        call.fast_loads += 1
+        return result
+
+    def _spawn_materialize(self, wrapped, instance, args, kwargs):
+        call = _session.get()
+        if call is None:
+            return wrapped(*args, **kwargs)
+        pool, tensor, device, dtype, sharding_op = _bind_spawn(*args, **kwargs)
+        if sharding_op is not None:
+            raise FastPathError("sharded materialisation reached the fast path")
+        source = tensor.ref if isinstance(tensor, MappedSource) else tensor
+        future = call.materializer.submit(source, dtype, device if device is not None else "cpu")
+        # Stock returns a Future with its pool and a deferred callable without one.
+        return future if pool is not None else future.result
+
+    # -- helpers ----------------------------------------------------------------
+    def _load_facts(self, call, model, load_config) -> Facts:
+        quantizer = getattr(load_config, "hf_quantizer", None)
+        files = call.checkpoint_files or []
+        return Facts(
+            transformers_version=self.version,
+            device_kinds=capabilities.device_kinds(getattr(load_config, "device_map", None)),
+            quantization=str(quantizer.quantization_config.quant_method) if quantizer is not None else None,
+            tensor_parallel=getattr(load_config, "device_mesh", None) is not None,
+            weights_format=_weights_format(files),
+        )
+
+    def _sources(self, call, state_dict: dict) -> dict:
+        """state_dict with every lazy slice replaced by our source for the same tensor."""
+        files = call.checkpoint_files
+        if not files:
+            raise FastPathError("checkpoint files were not seen (weights given another way)")
+        if _weights_format(files) == "bin":
+            check_bin_tensors(state_dict)
+            return state_dict
+        with call.report.phase("plan"):
+            refs = call.index.tensors(list(files))
+        if refs.keys() != state_dict.keys():
+            raise FastPathError("the loader's tensors differ from the checkpoint files' tensors")
+        sources = {}
+        for name, lazy in state_dict.items():
+            ref = refs[name]
+            if list(ref.shape) != list(lazy.get_shape()) or ref.dtype_name != lazy.get_dtype():
+                raise FastPathError(f"{ref.file}: tensor {name!r}: header disagrees with safetensors")
+            sources[name] = MappedSource(ref, call.materializer)
+        call.report.files = [str(f) for f in files]
+        return sources
+
+
+def _weights_format(files) -> str | None:
+    if not files:
+        return None
+    suffixes = {str(f).rsplit(".", 1)[-1] for f in files}
+    if suffixes == {"safetensors"}:
+        return "safetensors"
+    if suffixes <= {"bin", "pt", "pth"}:
+        return "bin"
+    return "+".join(sorted(suffixes))
+
+
+def _bind_convert(model, state_dict, load_config, disk_offload_index=None, **extra):
+    return model, state_dict, load_config, {"disk_offload_index": disk_offload_index, **extra}
+
+
+def _bind_spawn(thread_pool, tensor, device=None, dtype=None, sharding_op=None, tensor_idx=None):
+    return thread_pool, tensor, device, dtype, sharding_op

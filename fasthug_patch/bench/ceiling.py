@@ -1,0 +1,196 @@
+"""Physical ceilings, measured on the machine and checkpoint of the benchmark.
+
+* memory copy bandwidth: a large torch tensor copy, into prefaulted memory and into
+  freshly allocated memory (which pays the page faults a loader pays);
+* warm page-cache read bandwidth through mmap: the checkpoint's files mapped afresh and
+  copied out in 16 MiB chunks (1 thread and one per core, best);
+* cold parallel disk read bandwidth: evict the files, then N threads of os.preadv in
+  16 MiB chunks over them, for N in 1, 2, 4, 8, 16 (best).
+
+All in GB/s (1e9 bytes per second).
+
+    python -m fasthug_patch.bench.ceiling --path CHECKPOINT   # one JSON line
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import mmap
+import os
+import queue
+import threading
+import time
+
+from fasthug_patch.bench import checkpoints
+from fasthug_patch.bench.runner import evict, residency
+
+CHUNK = 16 << 20
+THREADS = (1, 2, 4, 8, 16)
+
+
+def memcpy_gbps(nbytes: int = 512 << 20, repeats: int = 3) -> dict:
+    """Best-of-``repeats`` bandwidth of a ``nbytes`` torch copy: into a prefaulted
+    destination, and into a freshly allocated one."""
+    import torch
+
+    src = torch.ones(nbytes, dtype=torch.uint8)
+    dst = torch.zeros(nbytes, dtype=torch.uint8)
+    best = best_fresh = 0.0
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        best = max(best, nbytes / (time.perf_counter() - t0) / 1e9)
+    del dst
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fresh = torch.empty(nbytes, dtype=torch.uint8)
+        fresh.copy_(src)
+        best_fresh = max(best_fresh, nbytes / (time.perf_counter() - t0) / 1e9)
+        del fresh
+    return {"memcpy_gbps": best, "fresh_memcpy_gbps": best_fresh, "memcpy_bytes": nbytes}
+
+
+def _chunks(files, limit: int | None):
+    out, total = [], 0
+    for name in files:
+        size = os.path.getsize(name)
+        for off in range(0, size, CHUNK):
+            n = min(CHUNK, size - off)
+            if limit is not None and total >= limit:
+                return out, total
+            out.append((name, off, n))
+            total += n
+    return out, total
+
+
+def _run_threads(nthreads: int, chunks, work) -> float:
+    q: queue.SimpleQueue = queue.SimpleQueue()
+    for c in chunks:
+        q.put(c)
+    errors = []
+
+    def worker():
+        buf = bytearray(CHUNK)
+        try:
+            while True:
+                try:
+                    c = q.get_nowait()
+                except queue.Empty:
+                    return
+                work(buf, *c)
+        except BaseException as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker) for _ in range(nthreads)]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    elapsed = time.perf_counter() - t0
+    if errors:
+        raise errors[0]
+    return elapsed
+
+
+def mmap_warm_gbps(path, threads=None, repeats: int = 2, limit: int | None = 4 << 30) -> dict:
+    """Read the (page-cached) checkpoint through fresh mmaps, copying 16 MiB chunks out."""
+    import numpy as np
+
+    files = checkpoints.weight_files(path)
+    chunks, total = _chunks(files, limit)
+    if residency(path) < 0.99:  # warm it: one plain read
+        for name, off, n in chunks:
+            with open(name, "rb") as f:
+                f.seek(off)
+                f.read(n)
+    threads = threads or sorted({1, os.cpu_count() or 1})
+    results = {}
+    for nt in threads:
+        best = 0.0
+        for _ in range(repeats):
+            maps = {}
+            for name in files:
+                with open(name, "rb") as f:
+                    maps[name] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+            arrays = {name: np.frombuffer(m, dtype=np.uint8) for name, m in maps.items()}
+
+            def work(buf, name, off, n, arrays=arrays):
+                np.copyto(np.frombuffer(buf, dtype=np.uint8, count=n), arrays[name][off:off + n])
+
+            elapsed = _run_threads(nt, chunks, work)
+            best = max(best, total / elapsed / 1e9)
+            del work, arrays
+            for m in maps.values():
+                m.close()
+        results[nt] = best
+    best_n = max(results, key=results.get)
+    return {"mmap_warm_gbps": results[best_n], "mmap_warm_by_threads": results,
+            "mmap_warm_best_threads": best_n, "mmap_warm_bytes": total}
+
+
+def cold_read_gbps(path, threads=THREADS, limit: int | None = 4 << 30) -> dict:
+    """Evict, then N threads of os.preadv in 16 MiB chunks; best over N."""
+    files = checkpoints.weight_files(path)
+    chunks, total = _chunks(files, limit)
+    results, resident_after_evict = {}, 0.0
+    fds = {}
+    try:
+        for nt in threads:
+            evict(path)
+            resident_after_evict = max(resident_after_evict, residency(path))
+            for name in files:
+                fds[name] = os.open(name, os.O_RDONLY)
+
+            def work(buf, name, off, n):
+                view = memoryview(buf)[:n]
+                got = 0
+                while got < n:
+                    r = os.preadv(fds[name], [view[got:]], off + got)
+                    if r <= 0:
+                        break
+                    got += r
+
+            elapsed = _run_threads(nt, chunks, work)
+            results[nt] = total / elapsed / 1e9
+            for fd in fds.values():
+                os.close(fd)
+            fds.clear()
+    finally:
+        for fd in fds.values():
+            os.close(fd)
+    best_n = max(results, key=results.get)
+    out = {"cold_read_gbps": results[best_n], "cold_read_by_threads": results,
+           "cold_read_best_threads": best_n, "cold_read_bytes": total,
+           "resident_after_evict": resident_after_evict}
+    if resident_after_evict > 0.5:
+        out["note"] = (f"eviction did not take ({resident_after_evict * 100:.0f}% still resident): "
+                       "the cold figure is not a disk figure")
+    return out
+
+
+def measure_all(path, threads=THREADS) -> dict:
+    began = time.perf_counter()
+    out = {"path": os.fspath(path)}
+    out.update(memcpy_gbps())
+    out.update(cold_read_gbps(path, threads))
+    out.update(mmap_warm_gbps(path))  # last: leaves the checkpoint in the page cache
+    out["seconds"] = time.perf_counter() - began
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m fasthug_patch.bench.ceiling", description=__doc__.split("\n\n")[0])
+    p.add_argument("--path", required=True)
+    p.add_argument("--threads", default=",".join(map(str, THREADS)), help="cold-read thread counts, e.g. 1,2,4")
+    args = p.parse_args(argv)
+    threads = tuple(int(x) for x in args.threads.split(",") if x.strip())
+    result = measure_all(args.path, threads)
+    result = json.loads(json.dumps(result))  # int keys -> str
+    print(json.dumps(result, sort_keys=True))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

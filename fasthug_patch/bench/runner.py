@@ -1,0 +1,508 @@
+"""Run benchmark trials (each in a fresh process), alternate modes, summarise.
+
+Memory behaviour on small VMs is noisy (fresh anonymous memory can fault in at very
+different speeds from one run to the next), so trials alternate between modes in ABBA
+order -- round 0 stock, patched; round 1 patched, stock; ... -- and the statistics are
+medians (with min and max beside them).
+
+Nothing heavy is imported here; torch and transformers live in the trial processes.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import json
+import mmap
+import os
+import platform
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+
+from fasthug_patch.bench import checkpoints
+
+TRIAL_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "trial.py")
+PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+# (key in the trial JSON, label, unit scale, unit); "lower is better" for all.
+METRICS = (
+    ("from_pretrained_s", "from_pretrained", 1.0, "s"),
+    ("ready_s", "time to ready", 1.0, "s"),
+    ("forward_s", "first forward pass", 1.0, "s"),
+    ("peak_rss_bytes", "peak RSS", 1e-9, "GB"),
+    ("rss_after_bytes", "RSS when ready", 1e-9, "GB"),
+)
+
+
+# --------------------------------------------------------------------------- page cache
+
+
+def evict(path) -> int:
+    """Drop the page-cache pages of every file of ``path`` (a file or a checkpoint folder)
+    with posix_fadvise(POSIX_FADV_DONTNEED). Returns the bytes covered.
+
+    Dirty pages cannot be dropped, so each file is fdatasync'ed first (instant when
+    nothing is dirty, e.g. not for a checkpoint written seconds ago)."""
+    total = 0
+    for name in checkpoints.weight_files(path):
+        fd = os.open(name, os.O_RDONLY)
+        try:
+            try:
+                os.fdatasync(fd)
+            except OSError:
+                pass
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            total += os.fstat(fd).st_size
+        finally:
+            os.close(fd)
+    return total
+
+
+_libc = None
+
+
+def _load_libc():
+    global _libc
+    if _libc is None:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        libc.mmap.restype = ctypes.c_void_p
+        libc.mmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int,
+                              ctypes.c_long)
+        libc.munmap.restype = ctypes.c_int
+        libc.munmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t)
+        libc.mincore.restype = ctypes.c_int
+        libc.mincore.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.POINTER(ctypes.c_ubyte))
+        _libc = libc
+    return _libc
+
+
+def file_residency(name: str) -> tuple[int, int]:
+    """(resident pages, pages) of one file, from mincore(2) over a fresh read-only
+    mapping (mapping it faults nothing in)."""
+    libc = _load_libc()
+    size = os.path.getsize(name)
+    if size == 0:
+        return 0, 0
+    page = mmap.PAGESIZE
+    pages = (size + page - 1) // page
+    fd = os.open(name, os.O_RDONLY)
+    try:
+        addr = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+        if addr in (None, ctypes.c_void_p(-1).value):
+            err = ctypes.get_errno()
+            raise OSError(err, f"mmap {name}: {os.strerror(err)}")
+        try:
+            vec = (ctypes.c_ubyte * pages)()
+            if libc.mincore(addr, size, vec) != 0:
+                err = ctypes.get_errno()
+                raise OSError(err, f"mincore {name}: {os.strerror(err)}")
+            resident = pages - bytes(vec).translate(bytes(b & 1 for b in range(256))).count(0)
+        finally:
+            libc.munmap(addr, size)
+    finally:
+        os.close(fd)
+    return resident, pages
+
+
+def residency(path) -> float:
+    """Fraction (0..1) of the pages of ``path``'s files that are in the page cache."""
+    resident = pages = 0
+    for name in checkpoints.weight_files(path):
+        r, p = file_residency(name)
+        resident += r
+        pages += p
+    return resident / pages if pages else 0.0
+
+
+# --------------------------------------------------------------------------- statistics
+
+
+def summarize(values) -> dict | None:
+    """{median, min, max, n} of the numbers in ``values`` (None entries ignored)."""
+    vals = [float(v) for v in values if v is not None]
+    if not vals:
+        return None
+    return {"median": statistics.median(vals), "min": min(vals), "max": max(vals), "n": len(vals)}
+
+
+def ratio(numerator, denominator) -> float | None:
+    """numerator / denominator, None when either is missing or the denominator is 0."""
+    if numerator is None or denominator is None or denominator == 0:
+        return None
+    return numerator / denominator
+
+
+def schedule(modes=("stock", "patched"), n: int = 5, warmup: int = 1) -> list[dict]:
+    """The trial order: ``warmup`` rounds then ``n`` measured rounds, each round running
+    every mode once; even rounds in the given order, odd rounds reversed (ABBA)."""
+    modes = tuple(modes)
+    plan = []
+    for phase, rounds in (("warmup", warmup), ("measure", n)):
+        for r in range(rounds):
+            order = modes if r % 2 == 0 else modes[::-1]
+            plan.extend({"phase": phase, "round": r, "mode": m} for m in order)
+    return plan
+
+
+def compute_stats(trials: list[dict], modes) -> dict:
+    """Per mode and metric: summarize() over the measured (non-warmup) trials."""
+    stats = {}
+    for mode in modes:
+        rows = [t for t in trials if t["mode"] == mode and t.get("phase", "measure") == "measure"]
+        stats[mode] = {key: summarize(t.get(key) for t in rows) for key, *_ in METRICS}
+    return stats
+
+
+def compute_ratios(stats: dict, modes) -> dict:
+    """modes[0] median / modes[1] median per metric (stock/patched: > 1 means patched
+    is faster, or smaller for memory)."""
+    if len(modes) < 2:
+        return {}
+    a, b = stats[modes[0]], stats[modes[1]]
+    return {key: ratio((a.get(key) or {}).get("median"), (b.get(key) or {}).get("median")) for key, *_ in METRICS}
+
+
+def check_identical(trials: list[dict]) -> dict:
+    """Every trial (warmup included, every mode) must give the same weight digest and the
+    same tying structure."""
+    digests = sorted({t.get("digest") for t in trials})
+    ties = sorted({t.get("tie_digest") for t in trials})
+    forwards = sorted({t.get("forward_digest") for t in trials if t.get("forward_digest")})
+    identical = bool(trials) and len(digests) == 1 and None not in digests and len(ties) == 1
+    return {"identical": identical, "digests": digests, "tie_digests": ties,
+            "forward_identical": None if not forwards else len(forwards) == 1}
+
+
+# --------------------------------------------------------------------------- machine
+
+
+def machine_info() -> dict:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.lower().startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    ram = None
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemTotal:"):
+                    ram = int(line.split()[1]) * 1024
+                    break
+    except OSError:
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "ram_bytes": ram, "kernel": platform.release(),
+            "system": platform.system()}
+
+
+# --------------------------------------------------------------------------- trials
+
+
+def trial_env(mode: str) -> dict:
+    """The environment of a trial process: FASTHUG_ENABLE removed (stock must not import
+    the plugin at all; patched imports and enables it itself), and this checkout first on
+    PYTHONPATH so patched trials import the same fasthug_patch as this process."""
+    env = {k: v for k, v in os.environ.items() if k != "FASTHUG_ENABLE"}
+    if mode == "patched":
+        paths = [PACKAGE_ROOT] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p and p != PACKAGE_ROOT]
+        env["PYTHONPATH"] = os.pathsep.join(paths)
+    return env
+
+
+def trial_command(python: str, path: str, mode: str, dtype: str = "default", device: str = "cpu",
+                  forward: bool = False, quant: str | None = None) -> list[str]:
+    cmd = [python, TRIAL_SCRIPT, "--mode", mode, "--path", str(path), "--dtype", dtype, "--device", device]
+    if forward:
+        cmd.append("--forward")
+    if quant:
+        cmd += ["--quant", quant]
+    return cmd
+
+
+class TrialError(RuntimeError):
+    pass
+
+
+def run_trial(path, mode: str, dtype: str = "default", device: str = "cpu", forward: bool = False,
+              quant: str | None = None, python: str = sys.executable, timeout: float | None = None) -> dict:
+    """One trial in a fresh process; returns its parsed JSON line."""
+    cmd = trial_command(python, path, mode, dtype, device, forward, quant)
+    began = time.perf_counter()
+    proc = subprocess.run(cmd, env=trial_env(mode), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True, timeout=timeout)
+    wall = time.perf_counter() - began
+    lines = [line for line in proc.stdout.splitlines() if line.strip().startswith("{")]
+    if proc.returncode != 0 or not lines:
+        tail = "\n".join(proc.stderr.strip().splitlines()[-25:])
+        raise TrialError(f"{mode} trial failed (exit {proc.returncode}): {shlex.join(cmd)}\n{tail}")
+    result = json.loads(lines[-1])
+    result["process_wall_s"] = wall
+    return result
+
+
+def rerun_command(path, modes, n, warmup, cold, dtype, device, forward, python, quant=None,
+                  ceilings=False) -> str:
+    parts = [python, "-m", "fasthug_patch.cli", "bench", str(path), "-n", str(n), "--warmup", str(warmup)]
+    if dtype not in (None, "default"):
+        parts += ["--dtype", dtype]
+    if device != "cpu":
+        parts += ["--device", device]
+    if cold:
+        parts.append("--cold")
+    if forward:
+        parts.append("--forward")
+    if quant:
+        parts.append(f"--load-in-{quant}")
+    if not ceilings:
+        parts.append("--no-ceilings")
+    if tuple(modes) != ("stock", "patched"):
+        parts += ["--modes", ",".join(modes)]
+    return f"PYTHONPATH={shlex.quote(PACKAGE_ROOT)} " + shlex.join(parts)
+
+
+def run_bench(path, modes=("stock", "patched"), n: int = 5, warmup: int = 1, cold: bool = False,
+              dtype: str = "default", python: str = sys.executable, progress: bool = True,
+              device: str = "cpu", forward: bool = False, quant: str | None = None,
+              ceilings: bool = False, timeout: float | None = None) -> dict:
+    """Warmup rounds, then ``n`` ABBA rounds of ``modes``, each trial a fresh process.
+
+    ``cold``: evict the checkpoint's pages from the page cache before every trial (the
+    residency measured right after is recorded with the trial). ``ceilings``: also measure
+    memory / page-cache / disk bandwidth (:mod:`fasthug_patch.bench.ceiling`) first.
+    Returns a JSON-able dict; :func:`format_table` renders it.
+    """
+    modes = tuple(modes)
+    local = checkpoints.resolve_local(path)
+    if cold and local is None:
+        raise ValueError(f"--cold needs the checkpoint's files on disk; {path!r} is not a local path "
+                         "nor in the hub cache")
+    started = time.time()
+    ceiling = None
+    if ceilings:
+        if local is None:
+            ceiling = {"error": "no local files to measure"}
+        else:
+            ceiling = run_ceilings(local, python=python, timeout=timeout)
+    plan = schedule(modes, n, warmup)
+    bar = _progress(len(plan), progress)
+    trials = []
+    try:
+        for i, step in enumerate(plan):
+            if bar is not None:
+                bar.set_description(f"{step['phase']} {step['round'] + 1} {step['mode']}")
+            resident = None
+            if cold:
+                evict(local)
+                resident = residency(local)
+            elif local is not None:
+                resident = residency(local)
+            result = run_trial(path, step["mode"], dtype, device, forward, quant, python, timeout)
+            result.update(step, index=i, resident_before=resident)
+            trials.append(result)
+            if bar is not None:
+                bar.set_postfix_str(f"ready {result['ready_s']:.2f}s")
+                bar.update(1)
+    finally:
+        if bar is not None:
+            bar.close()
+    stats = compute_stats(trials, modes)
+    same = check_identical(trials)
+    first = trials[0] if trials else {}
+    reports = [t["fasthug"] for t in trials if t.get("fasthug")]
+    fast_summary = None
+    if reports:
+        paths: dict[str, int] = {}
+        for rep in reports:
+            paths[str(rep.get("path"))] = paths.get(str(rep.get("path")), 0) + 1
+        fast_summary = {"paths": paths, "reasons": sorted({r.get("reason") or "" for r in reports}),
+                        "threads": reports[-1].get("threads"), "last_summary": reports[-1].get("summary")}
+    machine = machine_info()
+    machine.update(first.get("versions", {}))
+    return {
+        "path": str(path),
+        "local_path": local,
+        "modes": list(modes),
+        "n": n,
+        "warmup": warmup,
+        "cold": cold,
+        "dtype": dtype,
+        "device": device,
+        "forward": forward,
+        "quant": quant,
+        "model_class": first.get("model_class"),
+        "weight_bytes": first.get("weight_bytes"),
+        "checkpoint_bytes": sum(os.path.getsize(f) for f in checkpoints.weight_files(local)) if local else None,
+        "loaded_dtypes": first.get("dtypes"),
+        "stats": stats,
+        "ratio": compute_ratios(stats, modes),
+        **same,
+        "fasthug": fast_summary,
+        "ceilings": ceiling,
+        "machine": machine,
+        "python": python,
+        "command": rerun_command(path, modes, n, warmup, cold, dtype, device, forward, python, quant, ceilings),
+        "started": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(started)),
+        "seconds": time.time() - started,
+        "trials": trials,
+    }
+
+
+def run_ceilings(path, python: str = sys.executable, timeout: float | None = None) -> dict:
+    """ceiling.measure_all(path) in a fresh process (its buffers do not stay around)."""
+    cmd = [python, "-m", "fasthug_patch.bench.ceiling", "--path", str(path)]
+    env = trial_env("patched")  # PYTHONPATH for this checkout; the plugin is not used there
+    env["FASTHUG_ENABLE"] = "0"
+    proc = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          timeout=timeout)
+    lines = [line for line in proc.stdout.splitlines() if line.strip().startswith("{")]
+    if proc.returncode != 0 or not lines:
+        return {"error": f"ceiling run failed (exit {proc.returncode}): "
+                         + " | ".join(proc.stderr.strip().splitlines()[-5:])}
+    return json.loads(lines[-1])
+
+
+def _progress(total: int, enabled: bool):
+    if not enabled:
+        return None
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, unit="trial", file=sys.stderr, dynamic_ncols=True)
+
+
+# --------------------------------------------------------------------------- output
+
+
+def _fmt(value, scale: float) -> str:
+    if value is None:
+        return "–"
+    v = value * scale
+    return f"{v:.3f}" if abs(v) < 10 else f"{v:.2f}" if abs(v) < 100 else f"{v:.1f}"
+
+
+def format_table(result: dict) -> str:
+    """Markdown: one row per metric, median (min–max) per mode, and the ratio."""
+    modes = result["modes"]
+    stats = result["stats"]
+    lines = []
+    size = result.get("weight_bytes")
+    gb = f"{size / 1e9:.2f} GB" if size else "? GB"
+    m = result.get("machine", {})
+    lines.append(f"**{result.get('model_class') or 'model'}** `{result['path']}` — {gb} of weights "
+                 f"({_dtypes(result.get('loaded_dtypes'))}), dtype arg `{result['dtype']}`, "
+                 f"device {result['device']}, {'COLD (page cache evicted before each trial)' if result['cold'] else 'warm page cache'}, "
+                 f"n={result['n']} (+{result['warmup']} warmup), ABBA order, fresh process per trial")
+    lines.append("")
+    ratio_head = f"{modes[0]}/{modes[1]}" if len(modes) > 1 else ""
+    head = "| metric | " + " | ".join(f"{mode} median (min–max)" for mode in modes)
+    head += f" | {ratio_head} |" if ratio_head else " |"
+    lines.append(head)
+    lines.append("|" + "---|" * (1 + len(modes) + (1 if ratio_head else 0)))
+    for key, label, scale, unit in METRICS:
+        cells = [stats[mode].get(key) for mode in modes]
+        if all(c is None for c in cells):
+            continue
+        row = f"| {label} ({unit}) | " + " | ".join(
+            "–" if c is None else f"{_fmt(c['median'], scale)} ({_fmt(c['min'], scale)}–{_fmt(c['max'], scale)})"
+            for c in cells)
+        if ratio_head:
+            r = result["ratio"].get(key)
+            row += f" | {'–' if r is None else f'{r:.2f}x'} |"
+        else:
+            row += " |"
+        lines.append(row)
+    lines.append("")
+    lines.append("- time to ready = from_pretrained + one byte read in every 4 KiB page of every weight "
+                 "(all pages resident); ratio > 1 means patched is faster / smaller")
+    ident = "yes" if result.get("identical") else "NO"
+    lines.append(f"- weights identical across all {len(result.get('trials', []))} trials (sha256 of names, dtypes, "
+                 f"shapes, bytes; tying): **{ident}**" + ("" if result.get("identical") else
+                                                          f" — digests {result.get('digests')}"))
+    fh = result.get("fasthug")
+    if fh:
+        paths = ", ".join(f"{k}×{v}" for k, v in fh["paths"].items())
+        reasons = "; ".join(r for r in fh["reasons"] if r)
+        lines.append(f"- fasthug_patch path: {paths}" + (f" ({reasons})" if reasons else ""))
+    if result.get("cold"):
+        res = [t.get("resident_before") for t in result.get("trials", []) if t.get("resident_before") is not None]
+        if res:
+            lines.append(f"- page-cache residency right after each eviction: max {max(res) * 100:.1f}%")
+    c = result.get("ceilings")
+    if c:
+        if c.get("error"):
+            lines.append(f"- ceilings: {c['error']}")
+        else:
+            lines.append("- " + format_ceilings(c, size or result.get("checkpoint_bytes")))
+    lines.append(f"- machine: {m.get('cpu')}, {m.get('cores')} cores, "
+                 f"{(m.get('ram_bytes') or 0) / 2**30:.0f} GiB RAM, Linux {m.get('kernel')}, "
+                 f"Python {m.get('python')}, torch {m.get('torch')}, transformers {m.get('transformers')}")
+    lines.append(f"- rerun: `{result['command']}`")
+    return "\n".join(lines)
+
+
+def format_ceilings(c: dict, nbytes: int | None) -> str:
+    parts = []
+    for key, label in (("memcpy_gbps", "memcpy (prefaulted)"), ("fresh_memcpy_gbps", "memcpy into fresh memory"),
+                       ("mmap_warm_gbps", "warm page cache via mmap"), ("cold_read_gbps", "cold disk pread")):
+        v = c.get(key)
+        if v:
+            floor = f" ({_seconds(nbytes / 1e9 / v)} for the weights)" if nbytes else ""
+            extra = f" @{c.get('cold_read_best_threads')} threads" if key == "cold_read_gbps" else ""
+            parts.append(f"{label} {v:.2f} GB/s{extra}{floor}")
+    note = f" ({c['note']})" if c.get("note") else ""
+    if nbytes is not None and nbytes < 256 << 20:
+        note += " (checkpoint under 256 MiB: the file ceilings are not representative)"
+    return "ceilings: " + "; ".join(parts) + note
+
+
+def _seconds(s: float) -> str:
+    return f"{s:.2f}s" if s >= 0.1 else f"{s * 1e3:.2f}ms"
+
+
+def _dtypes(counts) -> str:
+    if not counts:
+        return "?"
+    total = sum(counts.values()) or 1
+    if len(counts) == 1:
+        return next(iter(counts))
+    parts = []
+    for k, v in sorted(counts.items(), key=lambda kv: -kv[1]):
+        pct = v / total * 100
+        parts.append(f"{k} {pct:.1f}%" if pct >= 0.1 else f"{k} <0.1%")
+    return ", ".join(parts)
+
+
+def plot(result: dict, filename: str) -> None:
+    """Bar chart of the medians (min–max whiskers) per metric and mode. Needs matplotlib."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    modes = result["modes"]
+    shown = [(k, label, scale, unit) for k, label, scale, unit in METRICS
+             if any(result["stats"][m].get(k) for m in modes)]
+    fig, axes = plt.subplots(1, len(shown), figsize=(3.2 * len(shown), 3.6))
+    if len(shown) == 1:
+        axes = [axes]
+    for ax, (key, label, scale, unit) in zip(axes, shown):
+        cells = [result["stats"][m].get(key) for m in modes]
+        med = [(c["median"] * scale) if c else 0 for c in cells]
+        err = [[(c["median"] - c["min"]) * scale if c else 0 for c in cells],
+               [(c["max"] - c["median"]) * scale if c else 0 for c in cells]]
+        ax.bar(modes, med, yerr=err, capsize=4, color=["#999999", "#2b7bba", "#e08214"][: len(modes)])
+        ax.set_title(label if len(label) < 28 else label.split(" (")[0], fontsize=9)
+        ax.set_ylabel(unit)
+    fig.suptitle(f"{os.path.basename(str(result['path']).rstrip('/'))}: "
+                 f"{'cold' if result['cold'] else 'warm'}, n={result['n']}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(filename, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,217 @@
+"""The capability table: when the fast path is safe, and why not when it is not.
+
+Each row is one rule: a condition over plain facts about the call, and the reason a user
+reads when that condition sends the load to the stock loader. Rows are checked in order and
+the first that matches decides; no match means the fast path. Rules of stage "call" are
+checked when from_pretrained is entered (facts from its arguments and the model class);
+rules of stage "load" are checked by the adapter when weights are about to be assigned
+(facts from transformers' own resolved loading arguments, e.g. the expanded device map).
+
+docs/compatibility.md is generated from this table (``python -m fasthug_patch.compat_doc``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+from fasthug_patch import settings
+
+# Transformers lines whose internals the adapters know, and the releases tested on each.
+# A release outside TESTED takes the stock path unless FASTHUG_ALLOW_UNTESTED=1.
+ADAPTER_LINES = {"v4": ((4, 57), (4, 57)), "v5": ((5, 0), (5, 10**9))}
+TESTED = {(4, 57): "4.57.x", (5, 23): "5.23.x"}
+
+
+@dataclass
+class Facts:
+    """What the rules look at. Unknown facts stay None and match no rule."""
+
+    transformers_version: str = ""
+    model_class: str = ""
+    model_module: str = ""
+    supports_param_buffer_assignment: bool | None = None
+    device_kinds: frozenset[str] = frozenset()  # "cpu", "cuda", "disk", "auto", "meta", ...
+    quantization: str | None = None  # quant method, when quantizing or pre-quantised
+    tensor_parallel: bool = False
+    deepspeed_zero3: bool = False
+    fsdp_low_mem: bool = False
+    gguf: bool = False
+    foreign_format: str | None = None  # "tf", "flax"
+    state_dict_given: bool = False
+    disk_offload: bool = False
+    weights_format: str | None = None  # "safetensors", "bin", or something else
+    parallel_shard_env: bool = False
+    disable_mmap: bool = False
+    dtensor_params: bool = False
+    extra: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Rule:
+    key: str
+    stage: str  # "call" or "load"
+    condition: str  # for people: when this row applies
+    when: Callable[[Facts], bool]
+    reason: Callable[[Facts], str]
+
+
+@dataclass(frozen=True)
+class Decision:
+    fast: bool
+    reason: str
+    rule: str | None = None
+
+
+def version_tuple(version: str) -> tuple[int, int]:
+    parts = []
+    for piece in version.split(".")[:2]:
+        digits = "".join(ch for ch in piece if ch.isdigit())
+        parts.append(int(digits or 0))
+    return tuple(parts + [0] * (2 - len(parts)))  # type: ignore[return-value]
+
+
+def adapter_line(version: str) -> str | None:
+    minor = version_tuple(version)
+    for line, (low, high) in ADAPTER_LINES.items():
+        if low <= minor <= high:
+            return line
+    return None
+
+
+def _untested(f: Facts) -> bool:
+    return version_tuple(f.transformers_version) not in TESTED and not settings.allow_untested_versions()
+
+
+def _devices_other_than_cpu(f: Facts) -> bool:
+    return bool(f.device_kinds - {"cpu", "auto"})
+
+
+RULES: list[Rule] = [
+    Rule(
+        "no-adapter", "call", "transformers line without an adapter",
+        lambda f: adapter_line(f.transformers_version) is None,
+        lambda f: f"transformers {f.transformers_version} has no fasthug_patch adapter (supported: 4.57.x, 5.x)",
+    ),
+    Rule(
+        "untested-version", "call", "transformers release not in the tested list",
+        _untested,
+        lambda f: f"transformers {f.transformers_version} is untested (tested: {', '.join(TESTED.values())}); "
+        f"set {settings.ALLOW_UNTESTED_VAR}=1 to try the fast path anyway",
+    ),
+    Rule(
+        "remote-code", "call", "model class from trust_remote_code",
+        lambda f: f.model_module.startswith("transformers_modules"),
+        lambda f: f"{f.model_class} is remote code; its loading hooks are unknown to the fast path",
+    ),
+    Rule(
+        "no-param-assignment", "call",
+        "class sets _supports_param_buffer_assignment = False, on a line whose loader reads it (< 4.51)",
+        # 4.51+ loaders assign tensors to every class alike and ignore the attribute.
+        lambda f: f.supports_param_buffer_assignment is False and version_tuple(f.transformers_version) < (4, 51),
+        lambda f: f"{f.model_class} does not support assigning loaded tensors to its parameters",
+    ),
+    Rule(
+        "quantized", "call", "quantization_config given or the checkpoint is pre-quantised",
+        lambda f: f.quantization is not None,
+        lambda f: f"quantization ({f.quantization}) loads through the stock loader",
+    ),
+    Rule(
+        "gguf", "call", "gguf_file given",
+        lambda f: f.gguf,
+        lambda f: "GGUF checkpoints are dequantised by the stock loader",
+    ),
+    Rule(
+        "foreign-format", "call", "from_tf / from_flax",
+        lambda f: f.foreign_format is not None,
+        lambda f: f"{f.foreign_format} checkpoints are converted by the stock loader",
+    ),
+    Rule(
+        "state-dict-given", "call", "state_dict passed to from_pretrained",
+        lambda f: f.state_dict_given,
+        lambda f: "weights were passed in memory (state_dict=...); nothing to read from disk",
+    ),
+    Rule(
+        "tensor-parallel", "call", "tp_plan / device_mesh / tensor-parallel sharding",
+        lambda f: f.tensor_parallel,
+        lambda f: "tensor-parallel loading (tp_plan, device_mesh) shards weights in the stock loader",
+    ),
+    Rule(
+        "deepspeed-zero3", "call", "DeepSpeed ZeRO-3 is enabled",
+        lambda f: f.deepspeed_zero3,
+        lambda f: "DeepSpeed ZeRO-3 partitions weights as they load; the stock loader does that",
+    ),
+    Rule(
+        "fsdp-low-mem", "call", "FSDP cpu-RAM-efficient loading",
+        lambda f: f.fsdp_low_mem,
+        lambda f: "FSDP cpu-RAM-efficient loading (rank 0 loads, others stay on meta) runs stock",
+    ),
+    Rule(
+        "disk-offload", "call", "offload_folder, offload_state_dict or 'disk' in device_map",
+        lambda f: f.disk_offload or "disk" in f.device_kinds,
+        lambda f: "offloading weights to disk runs through the stock loader",
+    ),
+    Rule(
+        "accelerator-device", "call", "device_map places weights on a non-CPU device",
+        _devices_other_than_cpu,
+        lambda f: f"device_map places weights on {sorted(f.device_kinds - {'cpu', 'auto'})}; "
+        "this release's fast path covers CPU targets only",
+    ),
+    Rule(
+        "parallel-shards-env", "call", "HF_ENABLE_PARALLEL_LOADING is set (transformers 4.x)",
+        lambda f: f.parallel_shard_env,
+        lambda f: "HF_ENABLE_PARALLEL_LOADING makes transformers load shards in its own threads; "
+        "unset it (the fast path reads in parallel already)",
+    ),
+    Rule(
+        "disable-mmap", "call", "disable_mmap=True",
+        lambda f: f.disable_mmap,
+        lambda f: "disable_mmap=True asks for no memory map; the stock loader reads the file whole",
+    ),
+    # -- checked with transformers' resolved loading arguments ---------------------
+    Rule(
+        "weights-format", "load", "weights are neither safetensors nor a torch .bin",
+        lambda f: f.weights_format is not None and f.weights_format not in ("safetensors", "bin"),
+        lambda f: f"weights in {f.weights_format} format load through the stock loader",
+    ),
+    Rule(
+        "load-quantizer", "load", "transformers chose a quantizer",
+        lambda f: f.quantization is not None,
+        lambda f: f"quantization ({f.quantization}) loads through the stock loader",
+    ),
+    Rule(
+        "load-devices", "load", "the resolved device map is not all CPU",
+        lambda f: bool(f.device_kinds - {"cpu"}),
+        lambda f: f"the resolved device map uses {sorted(f.device_kinds - {'cpu'})}; CPU only in this release",
+    ),
+    Rule(
+        "load-sharded-params", "load", "parameters are DTensors or a device mesh is set",
+        lambda f: f.dtensor_params or f.tensor_parallel,
+        lambda f: "sharded (DTensor) parameters load through the stock loader",
+    ),
+]
+
+
+def decide(facts: Facts, stage: str) -> Decision:
+    for rule in RULES:
+        if rule.stage == stage and rule.when(facts):
+            return Decision(False, rule.reason(facts), rule.key)
+    return Decision(True, "")
+
+
+def device_kinds(device_map) -> frozenset[str]:
+    """The kinds of device a device_map names ("cpu", "cuda", "disk", "auto", ...)."""
+    if device_map is None:
+        return frozenset({"cpu"})
+    values = device_map.values() if isinstance(device_map, dict) else [device_map]
+    kinds = set()
+    for value in values:
+        if isinstance(value, int) and not isinstance(value, bool):
+            kinds.add("cuda")
+            continue
+        text = str(value)
+        if text in ("auto", "balanced", "balanced_low_0", "sequential"):
+            kinds.add("auto")
+        else:
+            kinds.add(text.split(":")[0])
+    return frozenset(kinds)

@@ -1,0 +1,105 @@
+"""Zero-copy tensors over a private memory map of a checkpoint file.
+
+The map is MAP_PRIVATE and writable: a tensor handed to the model reads straight from the
+page cache, and a later in-place update (training) copies the page on write instead of
+touching the file. The mapping is torch's own (``UntypedStorage.from_file``, as safetensors
+uses), which keeps no file descriptor open; each tensor gets its own storage slice over its
+byte range, as safetensors' loader gives, so storage-based tie and share detection sees the
+same structure as stock.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import mmap
+import os
+import threading
+
+from fasthug_patch.errors import CheckpointError
+from fasthug_patch.plan import TensorRef
+
+PAGE = mmap.PAGESIZE
+# Linux 5.14+: fault pages in from the kernel side; errors come back as EFAULT/EIO
+# instead of a SIGBUS in whichever thread touches the page first.
+MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+
+
+class MappedFile:
+    """One checkpoint file, mapped once for the whole load."""
+
+    def __init__(self, path: str) -> None:
+        import torch
+
+        self.path = path
+        try:
+            self.size = os.stat(path).st_size
+            self.storage = (
+                torch.UntypedStorage.from_file(path, shared=False, nbytes=self.size) if self.size else None
+            )
+        except (OSError, RuntimeError) as exc:
+            raise CheckpointError(path, None, f"cannot map: {exc}") from exc
+        self.base = self.storage.data_ptr() if self.storage is not None else 0
+        self._populate_supported = True
+
+    def raw_bytes(self, ref: TensorRef):
+        """The bytes of ``ref`` as a uint8 tensor over the mapping (own storage slice)."""
+        import torch
+
+        self._check_inside(ref)
+        piece = self.storage[ref.offset : ref.offset + ref.nbytes]
+        return torch.empty(0, dtype=torch.uint8).set_(piece, 0, (ref.nbytes,), (1,))
+
+    def tensor(self, ref: TensorRef):
+        """A tensor sharing the mapped bytes of ``ref`` (no copy)."""
+        import torch
+
+        dtype = ref.torch_dtype()
+        if ref.numel == 0:
+            return torch.empty(ref.shape, dtype=dtype)
+        return self.raw_bytes(ref).view(dtype).view(ref.shape)
+
+    def is_aligned(self, ref: TensorRef) -> bool:
+        return ref.nbytes == 0 or ref.offset % ref.itemsize == 0
+
+    def populate(self, ref: TensorRef, start: int, length: int) -> None:
+        """Make bytes [start, start+length) of ``ref`` resident, reporting a vanished or
+        unreadable range as an error that names the file instead of a SIGBUS later."""
+        if length <= 0 or not self._populate_supported:
+            return
+        begin = ref.offset + start
+        aligned = begin - begin % PAGE
+        end = begin + length
+        if _libc.madvise(self.base + aligned, end - aligned, MADV_POPULATE_READ) == 0:
+            return
+        err = ctypes.get_errno()
+        if err in (errno.EINVAL, errno.ENOSYS):  # kernel before 5.14: pages fault in on use
+            self._populate_supported = False
+            return
+        raise CheckpointError(
+            self.path, ref.name, f"bytes {begin}..{end} could not be read ({os.strerror(err)}); was the file changed?"
+        )
+
+    def _check_inside(self, ref: TensorRef) -> None:
+        current = os.stat(self.path).st_size if os.path.exists(self.path) else -1
+        if ref.offset + ref.nbytes > min(self.size, current):
+            raise CheckpointError(self.path, ref.name, "tensor lies past the end of the file (truncated?)")
+
+
+class MappedFiles:
+    """Path -> MappedFile, opened on first use, shared by the reader threads."""
+
+    def __init__(self) -> None:
+        self._files: dict[str, MappedFile] = {}
+        self._lock = threading.Lock()
+
+    def get(self, path: str) -> MappedFile:
+        with self._lock:
+            mapped = self._files.get(path)
+            if mapped is None:
+                mapped = self._files[path] = MappedFile(path)
+            return mapped

@@ -1,0 +1,101 @@
+"""The from_pretrained wrapper: decide, load, fall back to stock on any surprise, report.
+
+The fast path never changes what stock transformers decides (model class, config, dtype,
+device map, missing keys, tying): stock from_pretrained runs as usual and only its weight
+materialisation internals are replaced by the adapter. If anything raises after those
+internals were entered, the whole call is redone by stock with the patch off for this
+thread, so the user gets the stock model or the stock error, never a half-loaded model.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import threading
+import time
+
+from fasthug_patch import activation, capabilities, loadcall
+from fasthug_patch.report import LOGGER_NAME, LoadReport, publish
+
+logger = logging.getLogger(LOGGER_NAME)
+
+# Stock from_pretrained is not thread-safe: it switches torch's process-wide default dtype
+# while it builds the model, so two threads loading at once can get each other's dtype
+# (seen with transformers 5.23: bf16 checkpoints coming back partly fp32). While the patch
+# is installed, calls through it are serialised; each load still uses every core.
+_serialise_loads = threading.RLock()
+
+# Arguments that stock from_pretrained may mutate and a retry must see fresh.
+_MUTABLE_KWARGS = ("config", "quantization_config", "device_map", "max_memory")
+
+
+def make_from_pretrained_wrapper(adapter):
+    def from_pretrained_wrapper(wrapped, cls, args, kwargs):
+        with _serialise_loads:
+            return _route(adapter, wrapped, cls, args, kwargs)
+
+    return from_pretrained_wrapper
+
+
+def _route(adapter, wrapped, cls, args, kwargs):
+    if not activation.is_enabled():
+        return wrapped(*args, **kwargs)
+    source = str(args[0] if args else kwargs.get("pretrained_model_name_or_path", ""))
+    report = LoadReport(model_class=getattr(cls, "__name__", str(cls)), source=source)
+    try:
+        facts = adapter.call_facts(cls, args, kwargs)
+        decision = capabilities.decide(facts, "call")
+    except Exception as exc:  # noqa: BLE001 - deciding must never break a load
+        decision = capabilities.Decision(False, f"could not inspect the call: {exc!r}", "inspect-error")
+    if not decision.fast:
+        return _stock(wrapped, args, kwargs, report, decision.reason)
+    return _fast(wrapped, args, kwargs, report)
+
+
+def _stock(wrapped, args, kwargs, report: LoadReport, reason: str):
+    report.path, report.reason = "fallback", reason
+    began = time.perf_counter()
+    try:
+        with activation.disabled():
+            return wrapped(*args, **kwargs)
+    finally:
+        report.seconds = time.perf_counter() - began
+        publish(report)
+
+
+def _fast(wrapped, args, kwargs, report: LoadReport):
+    retry_kwargs = {k: copy.deepcopy(v) for k, v in kwargs.items() if k in _MUTABLE_KWARGS}
+    began = time.perf_counter()
+    call = loadcall.LoadCall(report)
+    failed = True
+    try:
+        with call:
+            result = wrapped(*args, **kwargs)
+        failed = False
+    except Exception as exc:
+        if not call.entered_fast_internals:
+            # Raised by stock code before any weight went through the fast path: that
+            # is stock's own error, unchanged.
+            report.path, report.reason = "fallback", f"stock raised before loading weights: {exc!r}"
+            report.seconds = time.perf_counter() - began
+            publish(report)
+            raise
+        logger.warning(
+            "fasthug_patch: the fast path failed (%s: %s); loading %s with the stock loader instead",
+            type(exc).__name__, exc, report.source,
+        )
+        call.close(failed=True)
+        return _stock(wrapped, args, {**kwargs, **retry_kwargs}, report, f"fast path error: {exc!r}")
+    finally:
+        call.close(failed=failed)
+
+    report.seconds = time.perf_counter() - began
+    if call.fast_loads and not call.stock_loads:
+        report.path = "fast"
+    else:
+        report.path = "fallback"
+        report.reason = "; ".join(call.stock_loads) or "no weights went through the loader internals"
+        if call.fast_loads:
+            report.notes.append(f"{call.fast_loads} weight loads took the fast path")
+    publish(report)
+    return result

@@ -1,0 +1,65 @@
+"""State of one from_pretrained call on the fast path, visible to the adapter's internals.
+
+The from_pretrained wrapper opens a LoadCall; the wrapped internals find it through a
+context variable, so concurrent loads in other threads each see their own (or none).
+"""
+
+from __future__ import annotations
+
+import contextvars
+import time
+
+from fasthug_patch import settings
+from fasthug_patch.engine import Materializer
+from fasthug_patch.plan import CheckpointIndex
+from fasthug_patch.report import LoadReport
+
+_current: contextvars.ContextVar[LoadCall | None] = contextvars.ContextVar("fasthug_load_call", default=None)
+
+
+class LoadCall:
+    def __init__(self, report: LoadReport) -> None:
+        self.report = report
+        self.checkpoint_files: list[str] | None = None
+        self.index = CheckpointIndex()
+        self.entered_fast_internals = False
+        self.fast_loads = 0
+        self.stock_loads: list[str] = []  # reasons internals went stock
+        self._materializer: Materializer | None = None
+
+    @property
+    def materializer(self) -> Materializer:
+        if self._materializer is None:
+            self._materializer = Materializer(
+                settings.reader_threads(), settings.chunk_bytes(), settings.populate_mapped()
+            )
+        return self._materializer
+
+    def declined(self, reason: str) -> None:
+        if reason not in self.stock_loads:
+            self.stock_loads.append(reason)
+
+    def close(self, failed: bool) -> None:
+        engine, self._materializer = self._materializer, None
+        if engine is None:
+            return
+        began = time.perf_counter()
+        engine.close(cancel=failed)
+        report = self.report
+        report.phases["drain"] = time.perf_counter() - began
+        report.bytes += engine.bytes_read
+        report.tensors_mapped += engine.tensors_mapped
+        report.tensors_cast += engine.tensors_cast
+        report.threads = engine.threads
+        report.phases["reader_busy"] = engine.busy_seconds
+
+    def __enter__(self) -> LoadCall:
+        self._token = _current.set(self)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        _current.reset(self._token)
+
+
+def current() -> LoadCall | None:
+    return _current.get()

@@ -1,0 +1,151 @@
+"""Falling back: stock result or stock error, never a half-loaded model; reasons given."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import pytest
+import torch
+import transformers
+from transformers import AutoModelForCausalLM
+
+import fasthug_patch
+from fasthug_patch import capabilities
+from fasthug_patch.capabilities import Facts
+from tests.tiny import DTYPE_KWARG, save_tiny_llama, state_bytes
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return save_tiny_llama(str(tmp_path_factory.mktemp("fb") / "llama"))
+
+
+def _stock(path, **kwargs):
+    with fasthug_patch.disabled():
+        return AutoModelForCausalLM.from_pretrained(path, **kwargs)
+
+
+def _fast(path, **kwargs):
+    with fasthug_patch.enabled():
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    return model, fasthug_patch.last_report()
+
+
+def test_error_inside_fast_path_gives_stock_model_and_warning(tiny, monkeypatch, caplog):
+    import fasthug_patch.engine.materialize as materialize
+
+    def broken(*args):
+        raise RuntimeError("simulated reader failure")
+
+    monkeypatch.setattr(materialize, "_copy_span", broken)
+    monkeypatch.setattr(materialize.Materializer, "_mapped_view", lambda *a: (_ for _ in ()).throw(RuntimeError("simulated reader failure")))
+    with caplog.at_level(logging.WARNING):
+        model, report = _fast(tiny, **{DTYPE_KWARG: torch.float32})
+    assert report.path == "fallback" and "simulated reader failure" in report.reason
+    assert any("fast path failed" in r.getMessage() for r in caplog.records)
+    assert state_bytes(model) == state_bytes(_stock(tiny, **{DTYPE_KWARG: torch.float32}))
+
+
+def test_missing_checkpoint_raises_the_stock_error(tmp_path):
+    missing = str(tmp_path / "nowhere")
+    with pytest.raises(Exception) as stock_error:
+        _stock(missing)
+    with pytest.raises(type(stock_error.value)) as fast_error:
+        _fast(missing)
+    assert str(fast_error.value) == str(stock_error.value)
+    assert fasthug_patch.last_report().path == "fallback"
+
+
+def test_corrupt_weights_raise_the_stock_error_type(tiny, tmp_path):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for name in os.listdir(tiny):
+        data = open(os.path.join(tiny, name), "rb").read()
+        if name.endswith(".safetensors"):
+            data = data[: len(data) // 2]  # truncated mid-tensor
+        (bad / name).write_bytes(data)
+    with pytest.raises(Exception) as stock_error:
+        _stock(str(bad))
+    with pytest.raises(type(stock_error.value)):
+        _fast(str(bad))
+
+
+def test_unsupported_call_falls_back_with_reason(tiny):
+    stock = _stock(tiny)
+    kwargs = dict(config=stock.config, state_dict=stock.state_dict())
+    with fasthug_patch.enabled():
+        model = type(stock).from_pretrained(None, **kwargs)
+    report = fasthug_patch.last_report()
+    assert report.path == "fallback" and "state_dict" in report.reason
+    with fasthug_patch.disabled():
+        assert state_bytes(model) == state_bytes(type(stock).from_pretrained(None, **kwargs))
+
+
+def test_fallback_result_identical_to_stock_for_declined_load(tiny, monkeypatch):
+    """A load-stage decline (here: forced) runs the stock internals for the whole load."""
+    real = capabilities.decide
+
+    def decline_load(facts, stage):
+        if stage == "load":
+            return capabilities.Decision(False, "forced by test", "test")
+        return real(facts, stage)
+
+    monkeypatch.setattr(capabilities, "decide", decline_load)
+    model, report = _fast(tiny)
+    assert report.path == "fallback" and report.reason == "forced by test"
+    assert state_bytes(model) == state_bytes(_stock(tiny))
+
+
+@pytest.mark.parametrize(
+    "facts, rule",
+    [
+        (Facts(transformers_version="3.9.0"), "no-adapter"),
+        (Facts(transformers_version="5.999.0"), "untested-version"),
+        (Facts(transformers_version=transformers.__version__, model_module="transformers_modules.x"), "remote-code"),
+        (Facts(transformers_version="4.50.0", supports_param_buffer_assignment=False, extra={}), "no-adapter"),
+        (Facts(transformers_version=transformers.__version__, supports_param_buffer_assignment=False), None),
+        (Facts(transformers_version=transformers.__version__, quantization="gptq"), "quantized"),
+        (Facts(transformers_version=transformers.__version__, gguf=True), "gguf"),
+        (Facts(transformers_version=transformers.__version__, tensor_parallel=True), "tensor-parallel"),
+        (Facts(transformers_version=transformers.__version__, deepspeed_zero3=True), "deepspeed-zero3"),
+        (Facts(transformers_version=transformers.__version__, device_kinds=frozenset({"disk", "cpu"})), "disk-offload"),
+        (Facts(transformers_version=transformers.__version__, device_kinds=frozenset({"cuda"})), "accelerator-device"),
+        (Facts(transformers_version=transformers.__version__, state_dict_given=True), "state-dict-given"),
+        (Facts(transformers_version=transformers.__version__), None),
+    ],
+)
+def test_capability_rules(facts, rule):
+    decision = capabilities.decide(facts, "call")
+    assert decision.rule == rule
+    assert decision.fast == (rule is None)
+    if rule:
+        assert decision.reason  # every fallback says why
+
+
+def test_untested_version_can_be_opted_in(monkeypatch):
+    monkeypatch.setenv("FASTHUG_ALLOW_UNTESTED", "1")
+    assert capabilities.decide(Facts(transformers_version="5.999.0"), "call").fast
+
+
+def test_device_kinds():
+    assert capabilities.device_kinds(None) == {"cpu"}
+    assert capabilities.device_kinds("cpu") == {"cpu"}
+    assert capabilities.device_kinds({"a": 0, "b": "cpu"}) == {"cuda", "cpu"}
+    assert capabilities.device_kinds(torch.device("cuda:1")) == {"cuda"}
+    assert capabilities.device_kinds("auto") == {"auto"}
+
+
+def test_explain_without_loading(tiny):
+    assert fasthug_patch.explain(tiny).fast
+    explanation = fasthug_patch.explain(tiny, device_map="cuda")
+    assert not explanation.fast and "cuda" in str(explanation)
+    assert not fasthug_patch.explain(tiny, tp_plan="auto").fast
+
+
+def test_compatibility_doc_is_generated_and_current():
+    from fasthug_patch import compat_doc
+
+    assert compat_doc.main(["--check"]) == 0, "run python -m fasthug_patch.compat_doc"
+    text = compat_doc.render()
+    assert all(f"`{rule.key}`" in text for rule in capabilities.RULES)
