@@ -325,7 +325,8 @@ ARCHITECTURES: list[Arch] = [
         CLM,
         causal_inputs,
         {"causal", "tied", "conv1d"},
-        notes="Conv1D (weight stored [in, out]); lm_head tied to wte",
+        notes="Conv1D (weight stored [in, out]); lm_head tied to wte; 4.57: the bare GPT2Model "
+        "(not GPT2LMHeadModel) sets _supports_param_buffer_assignment = False",
     ),
     _arch(
         "gpt_neox",
@@ -342,6 +343,7 @@ ARCHITECTURES: list[Arch] = [
         CLM,
         causal_inputs,
         {"causal"},
+        notes="5.x: the module's embed_out is named lm_head (file keeps embed_out.weight, renamed on load)",
     ),
     _arch(
         "gptj",
@@ -349,6 +351,8 @@ ARCHITECTURES: list[Arch] = [
         CLM,
         causal_inputs,
         {"causal"},
+        notes="4.57: GPTJPreTrainedModel sets _supports_param_buffer_assignment = False (the plugin "
+        "hands it to stock there; an expected fallback in test_sweep); 5.x dropped the attribute",
     ),
     _arch(
         "opt",
@@ -551,7 +555,8 @@ ARCHITECTURES: list[Arch] = [
         S2S,
         seq2seq_inputs,
         {"seq2seq", "tied", "keep_fp32"},
-        notes="_keep_in_fp32_modules = [wo]; shared/encoder/decoder embeddings + lm_head tied",
+        notes="_keep_in_fp32_modules = [wo], honoured for fp16 loads only (bf16 loads cast wo too, "
+        "on both versions); shared/encoder/decoder embeddings + lm_head tied",
     ),
     _arch(
         "mt5",
@@ -559,7 +564,8 @@ ARCHITECTURES: list[Arch] = [
         S2S,
         seq2seq_inputs,
         {"seq2seq", "keep_fp32"},
-        notes="untied lm_head by default; keep wo in fp32",
+        notes="tie_word_embeddings=False set explicitly, as in real mt5 configs: MT5Config defaults "
+        "to False on 4.57 but to True on 5.x; keep wo in fp32",
     ),
     _arch("umt5", _cfg("UMT5Config", **T5_LIKE), S2S, seq2seq_inputs, {"seq2seq", "keep_fp32"}),
     _arch("bart", _cfg("BartConfig", **BART_LIKE), S2S, seq2seq_inputs, {"seq2seq", "tied"}),
@@ -691,18 +697,40 @@ ARCHITECTURES: list[Arch] = [
     ),
     _arch("bert_base", _cfg("BertConfig", **BERT_LIKE, pad_token_id=0), "AutoModel", encoder_inputs, {"encoder"}),
     # ---------------------------------------------------------------- vision
-    _arch("vit", _cfg("ViTConfig", **VIT_LIKE), IMG, image_inputs, {"vision"}),
+    _arch(
+        "vit",
+        _cfg("ViTConfig", **VIT_LIKE),
+        IMG,
+        image_inputs,
+        {"vision"},
+        notes="5.x renames the modules (vit.encoder.layer.N.attention.attention.key -> "
+        "vit.layers.N.attention.k_proj, output.dense -> mlp.fc2, ...); files keep the 4.x names",
+    ),
     _arch(
         "deit",
         _cfg("DeiTConfig", architectures=["DeiTForImageClassification"], **VIT_LIKE),
         IMG,
         image_inputs,
         {"vision"},
-        notes="deit maps to two classes (with/without teacher) in the image-classification "
+        notes="5.x module renames as for vit; deit maps to two classes (with/without teacher) in the image-classification "
         "auto mapping; config.architectures picks one, Auto*.from_config crashes without it",
     ),
-    _arch("beit", _cfg("BeitConfig", vocab_size=64, **VIT_LIKE), IMG, image_inputs, {"vision"}),
-    _arch("dinov2", _cfg("Dinov2Config", **VIT_LIKE), "AutoModel", image_inputs, {"vision"}),
+    _arch(
+        "beit",
+        _cfg("BeitConfig", vocab_size=64, **VIT_LIKE),
+        IMG,
+        image_inputs,
+        {"vision"},
+        notes="5.x module renames as for vit",
+    ),
+    _arch(
+        "dinov2",
+        _cfg("Dinov2Config", **VIT_LIKE),
+        "AutoModel",
+        image_inputs,
+        {"vision"},
+        notes="5.x renames attention.attention.query -> attention.q_proj etc. on load",
+    ),
     _arch(
         "convnext",
         _cfg(
@@ -734,7 +762,8 @@ ARCHITECTURES: list[Arch] = [
         IMG,
         image_inputs,
         {"vision"},
-        notes="relative_position_index is a persistent int64 buffer",
+        notes="relative_position_index: a persistent int64 buffer (saved) on 4.57, non-persistent "
+        "on 5.x; 5.x also renames attention/mlp modules on load",
     ),
     _arch(
         "resnet",

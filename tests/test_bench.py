@@ -346,7 +346,10 @@ def test_format_table():
     assert any(line.startswith("| peak RSS (GB) | 4.000") for line in lines)
     assert not any("first forward" in line for line in lines)  # no data: no row
     assert "**yes**" in table and "fast×1" in table and "2.2" in table
-    assert "cold disk pread 2.00 GB/s @4 threads (1.10s for the weights)" in table
+    assert "cold disk pread 2.00 GB/s @4 threads (1.10s for the files)" in table
+    result["checkpoint_bytes"] = 1.1e9
+    assert "cold disk pread 2.00 GB/s @4 threads (0.55s for the files)" in runner.format_table(result)
+    assert "memcpy (prefaulted) 10.00 GB/s (0.22s for the weights)" in runner.format_table(result)
     assert "rerun: `python -m fasthug_patch.cli bench /x/ckpt`" in table
     result["identical"] = False
     assert "**NO**" in runner.format_table(result)

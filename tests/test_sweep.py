@@ -14,8 +14,14 @@ Split, to keep the file at a couple of minutes per transformers version on 2 cor
   safetensors with an index, ``variant="fp16"``, ``subfolder=``, ``.bin``, a missing
   key, an extra key, and a save_pretrained round trip of the loaded models;
 * special cases: legacy key names (LayerNorm gamma/beta, weight_g/weight_v),
-  base-model <-> head-model prefix handling, 5.x native (fused) MoE checkpoints,
-  ``state_dict=`` given.
+  base-model <-> head-model prefix handling, ``ignore_mismatched_sizes`` with a
+  changed vocab / label count, 5.x checkpoints saved in the in-memory format
+  (``save_original_format=False``: fused experts, renamed modules), a missing MoE
+  expert, ``state_dict=`` given (an expected fallback);
+* loads stock refuses (size mismatch without ``ignore_mismatched_sizes``; on 5.x an
+  MoE checkpoint missing one expert): the fast load must raise the same error.
+
+Checkpoints are written once per session (``checkpoints`` fixture) into a tmp dir.
 
 The last test asserts that the default load took the fast path for >= 90% of the
 architectures.
@@ -71,22 +77,15 @@ FP32, BF16, FP16 = torch.float32, torch.bfloat16, torch.float16
 # --------------------------------------------------------------------------- expected fallbacks
 
 # Cases allowed to take the stock path ("fallback") instead of the fast one. Keys are
-# "<scenario>" (any architecture) or "<scenario>:<arch>". A fallback not listed here
+# "<scenario>" (any architecture), "<scenario>:<arch>" or "*:<arch>" (any scenario of
+# that architecture; <arch> is the checkpoint's entry name). A fallback not listed here
 # fails the case; a listed case that goes fast passes too. Keep the reasons honest.
 EXPECTED_FALLBACKS: dict[str, str] = {
     "state_dict_given": "weights are passed in memory (from_pretrained(state_dict=...)): there is "
     "no file to map or read in parallel, so the fast path has nothing to speed up",
 }
-if not IS_V5:
-    # transformers 4.57 marks these classes `_supports_param_buffer_assignment = False`:
-    # stock copies checkpoint values into the freshly initialised parameters instead of
-    # assigning tensors, and the plugin's "no-param-assignment" rule hands such loads to
-    # stock. (5.x dropped the attribute, so there they must go fast.)
-    EXPECTED_FALLBACKS.update({
-        "*:gptj": "4.57 GPTJPreTrainedModel sets _supports_param_buffer_assignment = False",
-        "head_to_base:gpt2": "4.57 GPT2Model (the bare base model only; GPT2LMHeadModel does not) "
-        "sets _supports_param_buffer_assignment = False",
-    })
+# No per-version exceptions: 4.57 assigns loaded tensors to every class alike (its loader
+# ignores `_supports_param_buffer_assignment`), so GPT-J and GPT2Model must go fast too.
 
 
 def _fallback_allowed(scenario: str, arch: str) -> str | None:
@@ -200,7 +199,7 @@ class CheckpointCache:
             assert renamed.keys() != state.keys(), f"{arch.name}: no legacy-renamable keys"
             edit_safetensors(path, drop=list(state), add=renamed)
             return directory, {}, {"renamed": sorted(set(renamed) - set(state))}
-        if layout == "native":  # transformers 5.x: save in the fused in-memory layout
+        if layout == "native":  # transformers 5.x: save the in-memory names (no reverse conversion)
             build_checkpoint(arch, directory, dtype=dtype, save_kwargs={"save_original_format": False})
             return directory, {}, {}
         raise ValueError(layout)
@@ -263,6 +262,10 @@ def check_scenario_took_effect(pair: LoadedPair, scenario: Scenario, facts: dict
         assert info["missing_keys"], f"{context}: dropping {facts['dropped']} left no missing key"
     if "added" in facts:
         assert info["unexpected_keys"], f"{context}: the added key was not reported as unexpected"
+    if "renamed" in facts:
+        assert not info["missing_keys"], f"{context}: legacy names were not renamed: {info['missing_keys']}"
+    if dict(scenario.load_kwargs).get("ignore_mismatched_sizes"):
+        assert info["mismatched_keys"], f"{context}: no mismatched key reported"
     # (no device_map check: 5.x sets hf_device_map only for multi-device maps, and the
     # equality of hf_device_map is part of assert_same_model anyway)
 
@@ -388,10 +391,11 @@ if not IS_V5:
     # (5.x cannot fuse the incomplete group and refuses: see test_same_failure)
     SPECIALS.append(Special("moe_missing_expert", "mixtral", Scenario("missing_expert", layout="missing_expert")))
 if IS_V5:
+    # 5.x only: save_pretrained(save_original_format=False) writes the in-memory names
+    # (fused experts, renamed modules) instead of reverting to the 4.x names
     SPECIALS += [
-        Special(f"native_fused_moe_{a.name}", a.name, Scenario("native_fused", layout="native"),
-                note="5.x only: save_pretrained(save_original_format=False) keeps fused experts")
-        for a in MOE
+        Special(f"native_format_{a.name}", a.name, Scenario("native_format", layout="native"))
+        for a in MOE + [get(n) for n in ("gpt_neox", "vit", "swin", "dinov2")]
     ]
 
 
