@@ -9,6 +9,7 @@ import wrapt
 
 from fasthug_patch import capabilities
 from fasthug_patch.capabilities import Facts
+from fasthug_patch.errors import FastPathError
 
 
 @dataclass
@@ -63,6 +64,18 @@ class Adapter:
 
     def patch_targets(self) -> list[PatchTarget]:
         raise NotImplementedError
+
+    def admit(self, call, facts, prepare):
+        """The load-stage decision. Returns what ``prepare()`` built for the fast path, or
+        None after recording on ``call`` why the stock internals run instead."""
+        try:
+            decision = capabilities.decide(facts(), "load")
+            prepared = prepare() if decision.fast else None
+        except FastPathError as exc:
+            decision, prepared = capabilities.Decision(False, str(exc), "sources"), None
+        if prepared is None:
+            call.declined(decision.reason)
+        return prepared
 
     # -- facts about a from_pretrained call ------------------------------------
     def call_facts(self, cls, args, kwargs) -> Facts:

@@ -41,13 +41,8 @@ class V4Adapter(Adapter):
         if call is None:
             return wrapped(*args, **kwargs)
         shard = _bind(*args, **kwargs)
-        try:
-            decision = capabilities.decide(self._load_facts(shard), "load")
-            plan = self._plan(call, shard) if decision.fast else None
-        except FastPathError as exc:
-            decision, plan = capabilities.Decision(False, str(exc), "sources"), None
+        plan = self.admit(call, lambda: self._load_facts(shard), lambda: self._plan(call, shard))
         if plan is None:
-            call.declined(decision.reason)
             return wrapped(*args, **kwargs)
 
         call.entered_fast_internals = True

@@ -54,13 +54,10 @@ class V5Adapter(Adapter):
         if call is None or _session.get() is not None:
             return wrapped(*args, **kwargs)
         model, state_dict, load_config, rest = _bind_convert(*args, **kwargs)
-        try:
-            decision = capabilities.decide(self._load_facts(call, model, load_config), "load")
-            sources = self._sources(call, state_dict) if decision.fast else None
-        except FastPathError as exc:
-            decision, sources = capabilities.Decision(False, str(exc), "sources"), None
+        sources = self.admit(
+            call, lambda: self._load_facts(call, model, load_config), lambda: self._sources(call, state_dict)
+        )
         if sources is None:
-            call.declined(decision.reason)
             return wrapped(*args, **kwargs)
 
         call.entered_fast_internals = True

@@ -440,7 +440,7 @@ def format_table(result: dict) -> str:
         if c.get("error"):
             lines.append(f"- ceilings: {c['error']}")
         else:
-            lines.append("- " + format_ceilings(c, size or result.get("checkpoint_bytes")))
+            lines.append("- " + format_ceilings(c, size, result.get("checkpoint_bytes") or size))
     lines.append(f"- machine: {m.get('cpu')}, {m.get('cores')} cores, "
                  f"{(m.get('ram_bytes') or 0) / 2**30:.0f} GiB RAM, Linux {m.get('kernel')}, "
                  f"Python {m.get('python')}, torch {m.get('torch')}, transformers {m.get('transformers')}")
@@ -448,17 +448,22 @@ def format_table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def format_ceilings(c: dict, nbytes: int | None) -> str:
+def format_ceilings(c: dict, weight_bytes: int | None, file_bytes: int | None = None) -> str:
+    """One line of GB/s figures, each with the time it would take for this model: memory
+    copies for the loaded weights' bytes, file reads for the checkpoint's bytes."""
+    file_bytes = file_bytes or weight_bytes
     parts = []
-    for key, label in (("memcpy_gbps", "memcpy (prefaulted)"), ("fresh_memcpy_gbps", "memcpy into fresh memory"),
-                       ("mmap_warm_gbps", "warm page cache via mmap"), ("cold_read_gbps", "cold disk pread")):
+    for key, label, nbytes, what in (("memcpy_gbps", "memcpy (prefaulted)", weight_bytes, "weights"),
+                                     ("fresh_memcpy_gbps", "memcpy into fresh memory", weight_bytes, "weights"),
+                                     ("mmap_warm_gbps", "warm page cache via mmap", file_bytes, "files"),
+                                     ("cold_read_gbps", "cold disk pread", file_bytes, "files")):
         v = c.get(key)
         if v:
-            floor = f" ({_seconds(nbytes / 1e9 / v)} for the weights)" if nbytes else ""
+            floor = f" ({_seconds(nbytes / 1e9 / v)} for the {what})" if nbytes else ""
             extra = f" @{c.get('cold_read_best_threads')} threads" if key == "cold_read_gbps" else ""
             parts.append(f"{label} {v:.2f} GB/s{extra}{floor}")
     note = f" ({c['note']})" if c.get("note") else ""
-    if nbytes is not None and nbytes < 256 << 20:
+    if file_bytes is not None and file_bytes < 256 << 20:
         note += " (checkpoint under 256 MiB: the file ceilings are not representative)"
     return "ceilings: " + "; ".join(parts) + note
 

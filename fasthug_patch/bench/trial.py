@@ -175,6 +175,14 @@ def peak_rss_bytes() -> int:
     return rss if sys.platform == "darwin" else rss * 1024
 
 
+def faults() -> tuple[int, int]:
+    """(minor, major) page faults of this process so far (all threads)."""
+    import resource
+
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    return ru.ru_minflt, ru.ru_majflt
+
+
 def _status_kb(field: str) -> int:
     try:
         with open("/proc/self/status") as f:
@@ -223,15 +231,18 @@ def run_trial(args) -> dict:
     import_s = time.perf_counter() - began_imports
     rss_before = rss_bytes()
 
+    pf0 = faults()
     t0 = time.perf_counter()
     model = cls.from_pretrained(args.path, **kwargs)
     if args.device.startswith("cuda"):
         torch.cuda.synchronize()
     t1 = time.perf_counter()
+    pf1 = faults()
     spanned = touch_pages(model)
     if args.device.startswith("cuda"):
         torch.cuda.synchronize()
     t2 = time.perf_counter()
+    pf2 = faults()
     rss_after = rss_bytes()
     peak = peak_rss_bytes()
 
@@ -279,6 +290,10 @@ def run_trial(args) -> dict:
         "forward_s": forward_s,
         "forward_digest": forward_digest,
         "import_s": import_s,
+        # page faults (minor, major) taken by from_pretrained and by the touch after it:
+        # faults in the touch mean from_pretrained returned with pages not yet mapped.
+        "load_faults": [pf1[0] - pf0[0], pf1[1] - pf0[1]],
+        "touch_faults": [pf2[0] - pf1[0], pf2[1] - pf1[1]],
         "digest_s": digest_s,
         "peak_rss_bytes": peak,
         "rss_before_bytes": rss_before,
