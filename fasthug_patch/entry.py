@@ -47,9 +47,10 @@ def _route(adapter, wrapped, cls, args, kwargs):
         decision = capabilities.decide(facts, "call")
     except Exception as exc:  # noqa: BLE001 - deciding must never break a load
         decision = capabilities.Decision(False, f"could not inspect the call: {exc!r}", "inspect-error")
-    if not decision.fast:
-        return _stock(wrapped, args, kwargs, report, decision.reason)
-    return _fast(wrapped, args, kwargs, report)
+    with loadcall.guarding_paths():
+        if not decision.fast:
+            return _stock(wrapped, args, kwargs, report, decision.reason)
+        return _fast(wrapped, args, kwargs, report)
 
 
 def _stock(wrapped, args, kwargs, report: LoadReport, reason: str):

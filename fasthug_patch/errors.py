@@ -20,3 +20,18 @@ class CheckpointError(FastPathError, ValueError):
 
 class Unsupported(FastPathError):
     """The fast path does not handle this case; the stock code handles it instead."""
+
+
+class CheckpointPathError(ValueError, FileNotFoundError):
+    """A checkpoint names a weight file outside its own directory (``../x.safetensors`` or an
+    absolute path in index.json's weight_map). Stock transformers joins such names onto the
+    directory and reads whatever is there; the plugin refuses, and never retries with stock.
+
+    A ValueError, as stock's own refusal of a ``transformers_weights`` path escaping the
+    directory is; and a FileNotFoundError, as stock's error is when that outside file does not
+    exist. Not a FastPathError: falling back to stock would read the file."""
+
+    def __init__(self, file: str, problem: str) -> None:
+        self.file = file
+        self.problem = problem
+        super().__init__(f"{file}: {problem}")

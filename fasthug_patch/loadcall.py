@@ -6,6 +6,7 @@ context variable, so concurrent loads in other threads each see their own (or no
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import time
 
@@ -15,6 +16,9 @@ from fasthug_patch.plan import CheckpointIndex
 from fasthug_patch.report import LoadReport
 
 _current: contextvars.ContextVar[LoadCall | None] = contextvars.ContextVar("fasthug_load_call", default=None)
+# Set for every from_pretrained call the patch routes (fast or declined to stock), so the
+# adapter refuses weight files outside the checkpoint directory on both paths.
+_guarding_paths: contextvars.ContextVar[bool] = contextvars.ContextVar("fasthug_guard_paths", default=False)
 
 
 class LoadCall:
@@ -31,9 +35,21 @@ class LoadCall:
     def materializer(self) -> Materializer:
         if self._materializer is None:
             self._materializer = Materializer(
-                settings.reader_threads(), settings.chunk_bytes(), settings.populate_mapped()
+                settings.reader_threads(), settings.chunk_bytes(), settings.populate_mapped(), settings.io_mode()
             )
         return self._materializer
+
+    def prefetch(self, files) -> None:
+        """Start reading the cold safetensors files now, while stock builds the model.
+        Never raises: this runs inside stock code, before the fast internals; a problem
+        shows up again, and is handled, when the weights are materialised."""
+        names = [str(f) for f in files or () if str(f).endswith(".safetensors")]
+        if not names:
+            return
+        try:
+            self.materializer.prepare(names)
+        except Exception as exc:  # noqa: BLE001
+            self.report.notes.append(f"prefetch skipped: {exc}")
 
     def declined(self, reason: str) -> None:
         if reason not in self.stock_loads:
@@ -51,6 +67,8 @@ class LoadCall:
         report.tensors_mapped += engine.tensors_mapped
         report.tensors_cast += engine.tensors_cast
         report.threads = engine.threads
+        report.io.update(engine.io)
+        report.notes.extend(engine.notes)
         report.phases["reader_busy"] = engine.busy_seconds
 
     def __enter__(self) -> LoadCall:
@@ -63,3 +81,16 @@ class LoadCall:
 
 def current() -> LoadCall | None:
     return _current.get()
+
+
+@contextlib.contextmanager
+def guarding_paths():
+    token = _guarding_paths.set(True)
+    try:
+        yield
+    finally:
+        _guarding_paths.reset(token)
+
+
+def paths_guarded() -> bool:
+    return _guarding_paths.get()

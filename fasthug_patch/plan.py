@@ -9,6 +9,7 @@ where there is one, the tensor.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -72,13 +73,17 @@ class SafetensorsHeader:
     data_start: int
     metadata: dict
     tensors: dict[str, TensorRef]
+    # (st_dev, st_ino, st_size, st_mtime_ns) of the file the header was read from; see
+    # CheckpointIndex.check_unchanged. Empty for headers parsed from bytes.
+    identity: tuple = ()
 
 
 def read_safetensors_header(path: str) -> SafetensorsHeader:
     """Parse and validate one safetensors header. Raises CheckpointError naming the file."""
     try:
         with open(path, "rb") as f:
-            file_size = os.fstat(f.fileno()).st_size
+            stat = os.fstat(f.fileno())
+            file_size = stat.st_size
             prefix = f.read(8)
             if len(prefix) < 8:
                 raise CheckpointError(path, None, f"file is {file_size} bytes, too short for a header")
@@ -90,7 +95,12 @@ def read_safetensors_header(path: str) -> SafetensorsHeader:
             raw = f.read(header_len)
     except OSError as exc:
         raise CheckpointError(path, None, f"cannot read: {exc}") from exc
-    return parse_safetensors_header(path, raw, file_size)
+    header = parse_safetensors_header(path, raw, file_size)
+    return dataclasses.replace(header, identity=_identity(stat))
+
+
+def _identity(stat: os.stat_result) -> tuple:
+    return (stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns)
 
 
 def parse_safetensors_header(path: str, raw: bytes, file_size: int) -> SafetensorsHeader:
@@ -176,6 +186,25 @@ class CheckpointIndex:
                     raise CheckpointError(path, name, f"also present in {merged[name].file}")
                 merged[name] = ref
         return merged
+
+    def check_unchanged(self, files: list[str] | None = None) -> None:
+        """Raise CheckpointError if a file whose header was read (of ``files``, or any) was
+        since replaced or rewritten. The engine maps files by path after their headers were
+        read here; a file replaced in between (say by a download finishing under the same
+        name) would put this header's offsets over another file's bytes: a wrong model,
+        silently. Called once the weights are materialised, so a file that is unchanged now
+        was unchanged when it was mapped."""
+        paths = self._headers if files is None else [os.path.realpath(f) for f in files]
+        for path in paths:
+            header = self._headers.get(path)
+            if header is None or not header.identity:
+                continue
+            try:
+                now = _identity(os.stat(path))
+            except OSError as exc:
+                raise CheckpointError(path, None, f"vanished while it was being loaded ({exc})") from exc
+            if now != header.identity:
+                raise CheckpointError(path, None, "was replaced or modified while it was being loaded")
 
     @property
     def total_bytes(self) -> int:

@@ -25,6 +25,7 @@ class LoadReport:
     tensors_cast: int = 0
     threads: int = 0
     files: list[str] = field(default_factory=list)
+    io: dict[str, str] = field(default_factory=dict)  # file -> how it was read, and why
     phases: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
 
@@ -50,6 +51,11 @@ class LoadReport:
                 f"; {self.bytes / 1e9:.2f} GB in {self.seconds:.3f}s ({self.gb_per_s:.2f} GB/s), "
                 f"{self.tensors_mapped} mapped, {self.tensors_cast} cast, {self.threads} threads; {phases}"
             )
+            reads = sorted(set(self.io.values()))
+            if reads:
+                head += "; files: " + "; ".join(reads)
+            if self.notes:
+                head += "; " + "; ".join(self.notes)
         return head
 
 

@@ -273,6 +273,69 @@ def assert_same_failure(failed: FailedPair, context: str = "") -> None:
     )
 
 
+@dataclass
+class Outcome:
+    """One checkpoint loaded (or refused) by stock, then by the patch; see load_both."""
+
+    stock: Any
+    stock_error: BaseException | None
+    fast: Any
+    fast_error: BaseException | None
+    report: Any
+
+    @property
+    def stock_raised(self) -> bool:
+        return self.stock_error is not None
+
+
+def load_both(auto_class, path, **kwargs) -> Outcome:
+    """Like :func:`load_pair`, for checkpoints that may or may not load: each load's model
+    or exception, whichever it gave."""
+    import fasthug_patch
+
+    results: list[tuple[Any, BaseException | None]] = []
+    report = before = None
+    for scope in (fasthug_patch.disabled, fasthug_patch.enabled):
+        with scope():
+            before = fasthug_patch.last_report()
+            try:
+                results.append((load_model(auto_class, path, **kwargs)[0], None))
+            except Exception as exc:  # noqa: BLE001 - the point is to compare them
+                results.append((None, exc))
+            report = fasthug_patch.last_report()
+    if report is before:
+        report = None
+    (stock, stock_error), (fast, fast_error) = results
+    return Outcome(stock, stock_error, fast, fast_error, report)
+
+
+def assert_matches_stock(outcome: Outcome, names=(), same_message: bool = True, context: str = "") -> None:
+    """The patch's promise for any checkpoint, good or broken.
+
+    Stock loaded: the patch loaded the same model, bit for bit. Stock raised: the patch
+    raised the same exception type with the same message (``same_message=False`` where
+    stock's own message varies from run to run), or a subclass of it whose message names
+    every string in ``names`` (the file, the tensor): a clearer error, never a model.
+    """
+    head = f"{context}: " if context else ""
+    s, f = outcome.stock_error, outcome.fast_error
+    if s is None:
+        assert f is None, f"{head}stock loaded; the patch raised {type(f).__name__}: {f}"
+        assert_same_model(outcome.stock, outcome.fast, context=context)
+        return
+    assert f is not None, f"{head}stock raised {type(s).__name__}: {s}; the patch returned a model"
+    assert outcome.fast is None
+    assert isinstance(f, type(s)), (
+        f"{head}different failures:\n  stock: {type(s).__name__}: {s}\n  fast:  {type(f).__name__}: {f}"
+    )
+    if type(f) is type(s):
+        if same_message:
+            assert str(f) == str(s), f"{head}same type, different message:\n  stock: {s}\n  fast:  {f}"
+    else:
+        missing = [n for n in names if n not in str(f)]
+        assert names and not missing, f"{head}{type(f).__name__} is not clearer than stock's: {f} (missing {missing})"
+
+
 # --------------------------------------------------------------------------- comparison
 
 

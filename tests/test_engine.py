@@ -9,9 +9,9 @@ import threading
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
-from fasthug_patch.engine import Materializer
+from fasthug_patch.engine import Materializer, residency
 from fasthug_patch.engine.mapped import MappedFile
 from fasthug_patch.errors import CheckpointError
 from fasthug_patch.plan import CheckpointIndex
@@ -44,11 +44,12 @@ def _bits(t: torch.Tensor) -> bytes:
     return t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
 
 
+@pytest.mark.parametrize("io_mode", ["mmap", "read"])
 @pytest.mark.parametrize("chunk", [64, 1 << 20])
 @pytest.mark.parametrize("target", [None, torch.float32, torch.bfloat16, torch.float16])
-def test_results_equal_torch_casts_bitwise(checkpoint, chunk, target):
+def test_results_equal_torch_casts_bitwise(checkpoint, chunk, target, io_mode):
     _, tensors, refs = checkpoint
-    engine = Materializer(threads=3, chunk_bytes=chunk, populate=True)
+    engine = Materializer(threads=3, chunk_bytes=chunk, populate=True, io_mode=io_mode)
     try:
         for name, ref in refs.items():
             expected = tensors[name]
@@ -122,7 +123,7 @@ def test_error_in_a_chunk_fails_the_future_and_close_returns(checkpoint, monkeyp
     import fasthug_patch.engine.materialize as materialize
 
     calls = {"n": 0}
-    real = materialize._copy_span
+    real = materialize._cast_mapped_span
 
     def flaky(*args):
         calls["n"] += 1
@@ -130,7 +131,7 @@ def test_error_in_a_chunk_fails_the_future_and_close_returns(checkpoint, monkeyp
             raise OSError("disk went away")
         return real(*args)
 
-    monkeypatch.setattr(materialize, "_copy_span", flaky)
+    monkeypatch.setattr(materialize, "_cast_mapped_span", flaky)
     future = engine.submit(refs["bf16"], torch.float32)
     with pytest.raises(OSError, match="disk went away"):
         future.result(timeout=30)
@@ -150,3 +151,124 @@ def test_no_leaked_threads_or_descriptors(checkpoint):
     engine.close()
     assert len(os.listdir("/proc/self/fd")) == fds_before  # the map keeps no descriptor open
     assert not [t for t in threading.enumerate() if t.name.startswith("fasthug-reader")]
+
+
+def _evict(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fdatasync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def test_reading_is_chosen_per_file_from_its_residency(tmp_path):
+    warm, cold = str(tmp_path / "warm.safetensors"), str(tmp_path / "cold.safetensors")
+    save_file({"w": torch.randn(256, 1024)}, warm)
+    save_file({"c": torch.randn(256, 1024)}, cold)
+    open(warm, "rb").read()
+    _evict(cold)
+    if residency.resident_fraction(cold) > 0.5:
+        pytest.skip("this filesystem does not drop cached pages on request")
+    engine = Materializer(threads=4, chunk_bytes=1 << 16, populate=True)
+    refs = CheckpointIndex().tensors([warm, cold])
+    engine.prepare([warm, cold])
+    got = {name: engine.submit(ref).result() for name, ref in refs.items()}
+    engine.close()
+    assert engine.io[warm].startswith("mmap") and "cached" in engine.io[warm]
+    assert engine.io[cold].startswith("read") and "preadv" in engine.io[cold]
+    assert residency.resident_fraction(cold) == 1.0  # filled, then mapped zero-copy
+    mapped = engine.files.get(cold)
+    assert mapped.base <= got["c"].data_ptr() < mapped.base + mapped.size
+    assert torch.equal(got["c"], load_file(cold)["c"])
+
+
+def test_a_file_shrinking_during_the_fill_is_an_error_naming_it(tmp_path):
+    path = str(tmp_path / "s.safetensors")
+    save_file({"w": torch.randn(64 * 1024)}, path)
+    refs = CheckpointIndex().tensors([path])
+    engine = Materializer(threads=2, chunk_bytes=4096, populate=True, io_mode="read")
+    os.truncate(path, 8192)  # after the header was read, before the fill
+    with pytest.raises(CheckpointError) as info:
+        engine.submit(refs["w"], torch.float16).result(timeout=30)
+    engine.close(cancel=True)
+    assert path in str(info.value)
+
+
+def test_fill_keeps_no_descriptor_or_thread(checkpoint):
+    _, _, refs = checkpoint
+    fds_before = len(os.listdir("/proc/self/fd"))
+    engine = Materializer(threads=4, chunk_bytes=256, populate=True, io_mode="read")
+    [engine.submit(ref).result() for ref in refs.values()]
+    engine.close()
+    assert len(os.listdir("/proc/self/fd")) == fds_before
+    assert not [t for t in threading.enumerate() if t.name.startswith("fasthug-reader")]
+
+
+def _rss_file_bytes() -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("RssFile:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no RssFile in /proc/self/status")
+
+
+def test_cast_source_pages_are_unmapped_after_their_cast(tmp_path):
+    path = str(tmp_path / "big.safetensors")
+    tensor = torch.randn(16 << 20)  # 64 MiB of fp32
+    save_file({"w": tensor}, path)
+    refs = CheckpointIndex().tensors([path])
+    engine = Materializer(threads=2, chunk_bytes=1 << 20, populate=True, io_mode="mmap")
+    before = _rss_file_bytes()
+    got = engine.submit(refs["w"], torch.bfloat16).result()
+    grown = _rss_file_bytes() - before
+    engine.close()
+    assert torch.equal(got, tensor.to(torch.bfloat16))
+    assert grown < 8 << 20, f"the process still maps {grown >> 20} MiB of the 64 MiB source"
+
+
+def test_files_larger_than_free_memory_are_read_lazily(checkpoint, monkeypatch):
+    path, tensors, refs = checkpoint
+    monkeypatch.setenv("FASTHUG_MEMORY_AVAILABLE_MB", "0")
+    engine = Materializer(threads=2, chunk_bytes=64, populate=True, io_mode="read")
+    with pytest.warns(UserWarning, match="exceed the memory available"):
+        engine.prepare([path])
+    got = {name: engine.submit(ref).result() for name, ref in refs.items()}
+    engine.close()
+    assert "first use" in engine.io[path] and engine.notes
+    for name, tensor in tensors.items():
+        assert _bits(got[name]) == _bits(tensor), name
+
+
+def test_a_cast_stops_the_fill_and_the_rest_is_read_through_the_mapping(tmp_path):
+    path = str(tmp_path / "f.safetensors")
+    tensors = {f"w{i}": torch.randn(4096) for i in range(8)}
+    save_file(tensors, path)
+    refs = CheckpointIndex().tensors([path])
+    engine = Materializer(threads=2, chunk_bytes=4096, populate=None, io_mode="read")
+    engine.prepare([path])
+    fill = engine._fills[path]
+    first = engine.submit(refs["w0"], torch.bfloat16)
+    assert fill.stopped  # casts read through the mapping: no second copy of every byte
+    got = {name: engine.submit(ref).result() for name, ref in refs.items() if name != "w0"}
+    got["w0"] = first.result()
+    engine.close()
+    assert torch.equal(got["w0"], tensors["w0"].to(torch.bfloat16))
+    for name in tensors:
+        if name != "w0":
+            assert torch.equal(got[name], tensors[name]), name
+
+
+def test_sampled_residency_agrees_with_the_full_count(tmp_path):
+    path = str(tmp_path / "r.bin")
+    with open(path, "wb") as f:
+        f.write(os.urandom(32 << 20))
+    _evict(path)
+    fd = os.open(path, os.O_RDONLY)
+    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)  # no readahead past what is read
+    os.pread(fd, 16 << 20, 0)  # the first half cached
+    os.close(fd)
+    full = residency.resident_fraction(path, windows=None)
+    if not 0.3 < full < 0.8:
+        pytest.skip(f"this filesystem caches differently ({full:.0%} after reading half)")
+    assert residency.resident_fraction(path, windows=64) == pytest.approx(full, abs=0.1)

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import ast
 import logging
 import os
+import pathlib
+import re
 
 import pytest
 import torch
@@ -39,6 +42,7 @@ def test_error_inside_fast_path_gives_stock_model_and_warning(tiny, monkeypatch,
         raise RuntimeError("simulated reader failure")
 
     monkeypatch.setattr(materialize, "_copy_span", broken)
+    monkeypatch.setattr(materialize, "_cast_mapped_span", broken)
     monkeypatch.setattr(materialize.Materializer, "_mapped_view", lambda *a: (_ for _ in ()).throw(RuntimeError("simulated reader failure")))
     with caplog.at_level(logging.WARNING):
         model, report = _fast(tiny, **{DTYPE_KWARG: torch.float32})
@@ -149,3 +153,42 @@ def test_compatibility_doc_is_generated_and_current():
     assert compat_doc.main(["--check"]) == 0, "run python -m fasthug_patch.compat_doc"
     text = compat_doc.render()
     assert all(f"`{rule.key}`" in text for rule in capabilities.RULES)
+
+
+def _message_fragments(node) -> list[str]:
+    if isinstance(node, ast.Constant) and isinstance(node.value, str):
+        return [node.value]
+    if isinstance(node, ast.JoinedStr):
+        return [v.value for v in node.values if isinstance(v, ast.Constant)]
+    if isinstance(node, ast.BinOp):
+        return _message_fragments(node.left) + _message_fragments(node.right)
+    return []
+
+
+def test_troubleshooting_lists_every_warning_and_error():
+    """docs/troubleshooting.md names every capability rule, every exception class of
+    errors.py, and (by its longest literal piece) every message the package raises with
+    one of them or warns with."""
+    from fasthug_patch import errors
+
+    root = pathlib.Path(__file__).resolve().parent.parent
+    doc = (root / "docs" / "troubleshooting.md").read_text()
+    missing = [f"rule `{rule.key}`" for rule in capabilities.RULES if f"`{rule.key}`" not in doc]
+    missing += [name for name, obj in vars(errors).items() if isinstance(obj, type) and issubclass(obj, Exception)
+                and obj.__module__ == errors.__name__ and name not in doc]
+    message_arg = {"CheckpointError": 2, "CheckpointPathError": 1, "FastPathError": 0, "Unsupported": 0,
+                   "warn": 0, "warning": 0}
+    for file in sorted((root / "fasthug_patch").rglob("*.py")):
+        if "bench" in file.relative_to(root).parts:
+            continue  # command-line tools; summarised in the doc's last sections
+        for node in ast.walk(ast.parse(file.read_text())):
+            if not isinstance(node, ast.Call):
+                continue
+            name = getattr(node.func, "id", None) or getattr(node.func, "attr", None)
+            if name in message_arg and len(node.args) > message_arg[name]:
+                fragments = _message_fragments(node.args[message_arg[name]])
+                pieces = [p.strip(" :;,()'\"") for f in fragments for p in re.split(r"%[sdr]", f)]
+                longest = max(pieces, key=len, default="")
+                if longest and longest not in doc:
+                    missing.append(f"{file.relative_to(root)}:{node.lineno}: {longest!r}")
+    assert not missing, "add to docs/troubleshooting.md: " + "; ".join(missing)

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import inspect
 import os
 from dataclasses import dataclass
 
 import wrapt
 
-from fasthug_patch import capabilities
+from fasthug_patch import capabilities, loadcall
 from fasthug_patch.capabilities import Facts
-from fasthug_patch.errors import FastPathError
+from fasthug_patch.errors import CheckpointPathError, FastPathError
 
 
 @dataclass
@@ -77,6 +78,28 @@ class Adapter:
             call.declined(decision.reason)
         return prepared
 
+    # -- the checkpoint's files ------------------------------------------------
+    def _resolved_files(self, wrapped, instance, args, kwargs):
+        """Wraps modeling_utils._get_resolved_checkpoint_files (same name and result,
+        ``(checkpoint_files, sharded_metadata)``, on both lines): refuses weight files
+        outside the checkpoint directory, and notes the files for the fast path."""
+        result = wrapped(*args, **kwargs)
+        if not (isinstance(result, tuple) and len(result) == 2):
+            return result
+        files, sharded_metadata = result
+        if loadcall.paths_guarded():
+            where = inspect.signature(wrapped).bind_partial(*args, **kwargs).arguments
+            check_checkpoint_paths(files, sharded_metadata, where.get("pretrained_model_name_or_path"),
+                                   self._subfolder(where))
+        call = loadcall.current()
+        if call is not None:
+            call.checkpoint_files = files  # the same list stock later extends
+            call.prefetch(files)  # overlaps stock's model construction
+        return result
+
+    def _subfolder(self, arguments: dict) -> str:
+        return arguments.get("subfolder") or ""
+
     # -- facts about a from_pretrained call ------------------------------------
     def call_facts(self, cls, args, kwargs) -> Facts:
         quant = kwargs.get("quantization_config")
@@ -132,3 +155,30 @@ def _quant_method(config) -> str | None:
 
 def env_true(name: str) -> bool:
     return os.environ.get(name, "").strip().upper() in {"1", "ON", "YES", "TRUE"}
+
+
+def check_checkpoint_paths(files, sharded_metadata, model_path, subfolder: str) -> None:
+    """Every weight file must lie inside the checkpoint directory. Stock joins index.json's
+    weight_map entries onto the directory as they are, so ``../x.safetensors`` or
+    ``/abs/x.safetensors`` reads a file elsewhere without a word. The check is lexical, as
+    stock's own check of ``transformers_weights`` (5.x) is: symlinks inside the directory
+    (the hub cache's snapshot folders are made of them) stay allowed."""
+    local = model_path is not None and os.path.isdir(str(model_path))
+    base = os.path.abspath(os.path.join(str(model_path), subfolder or "")) if local else None
+    advice = (
+        "fasthug_patch does not read weight files outside the checkpoint directory (stock transformers "
+        "would). Fix the checkpoint, or load with fasthug_patch.disabled() if you trust it"
+    )
+    weight_map = sharded_metadata.get("weight_map") if isinstance(sharded_metadata, dict) else None
+    for tensor, entry in (weight_map or {}).items():
+        if isinstance(entry, str) and (os.path.isabs(entry) or os.path.normpath(entry).split(os.sep)[0] == ".."):
+            raise CheckpointPathError(
+                os.path.join(base, entry) if base else entry,
+                f"the checkpoint index (weight_map) names {entry!r} for tensor {tensor!r}, outside the "
+                f"checkpoint directory{' ' + base if base else ''}; {advice}",
+            )
+    if base is None:
+        return  # a hub id (files resolved inside the cache) or a single weights file
+    for file in files or []:
+        if os.path.commonpath([base, os.path.abspath(str(file))]) != base:
+            raise CheckpointPathError(str(file), f"weight file outside the checkpoint directory {base}; {advice}")

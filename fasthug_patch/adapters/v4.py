@@ -30,6 +30,7 @@ class V4Adapter(Adapter):
         mu = self.modeling_utils
         return [
             PatchTarget(mu.PreTrainedModel, "from_pretrained", make_from_pretrained_wrapper(self)),
+            PatchTarget(mu, "_get_resolved_checkpoint_files", self._resolved_files),
             PatchTarget(mu, "_load_state_dict_into_meta_model", self._load_into_meta_model),
         ]
 
@@ -48,6 +49,7 @@ class V4Adapter(Adapter):
         call.entered_fast_internals = True
         with call.report.phase("load_weights"):
             self._load_shard(call, shard, plan)
+        call.index.check_unchanged([shard["shard_file"]])  # replaced after its header was read: redo stock
         call.fast_loads += 1
         return shard["disk_offload_index"]
 

@@ -42,12 +42,8 @@ class V5Adapter(Adapter):
         ]
 
     # -- wrappers ---------------------------------------------------------------
-    def _resolved_files(self, wrapped, instance, args, kwargs):
-        result = wrapped(*args, **kwargs)
-        call = loadcall.current()
-        if call is not None and isinstance(result, tuple) and result:
-            call.checkpoint_files = result[0]  # the same list stock later extends
-        return result
+    def _subfolder(self, arguments: dict) -> str:
+        return (arguments.get("download_kwargs") or {}).get("subfolder") or ""
 
     def _convert_and_load(self, wrapped, instance, args, kwargs):
         call = loadcall.current()
@@ -67,6 +63,7 @@ class V5Adapter(Adapter):
                 result = wrapped(model, sources, load_config, **rest)
         finally:
             _session.reset(token)
+        call.index.check_unchanged()  # a file replaced after its header was read: redo stock
         call.fast_loads += 1
         return result
 

@@ -10,10 +10,7 @@ Nothing heavy is imported here; torch and transformers live in the trial process
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import json
-import mmap
 import os
 import platform
 import shlex
@@ -23,6 +20,7 @@ import sys
 import time
 
 from fasthug_patch.bench import checkpoints
+from fasthug_patch.engine.residency import file_residency
 
 TRIAL_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "trial.py")
 PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -59,52 +57,6 @@ def evict(path) -> int:
         finally:
             os.close(fd)
     return total
-
-
-_libc = None
-
-
-def _load_libc():
-    global _libc
-    if _libc is None:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        libc.mmap.restype = ctypes.c_void_p
-        libc.mmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int,
-                              ctypes.c_long)
-        libc.munmap.restype = ctypes.c_int
-        libc.munmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t)
-        libc.mincore.restype = ctypes.c_int
-        libc.mincore.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.POINTER(ctypes.c_ubyte))
-        _libc = libc
-    return _libc
-
-
-def file_residency(name: str) -> tuple[int, int]:
-    """(resident pages, pages) of one file, from mincore(2) over a fresh read-only
-    mapping (mapping it faults nothing in)."""
-    libc = _load_libc()
-    size = os.path.getsize(name)
-    if size == 0:
-        return 0, 0
-    page = mmap.PAGESIZE
-    pages = (size + page - 1) // page
-    fd = os.open(name, os.O_RDONLY)
-    try:
-        addr = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
-        if addr in (None, ctypes.c_void_p(-1).value):
-            err = ctypes.get_errno()
-            raise OSError(err, f"mmap {name}: {os.strerror(err)}")
-        try:
-            vec = (ctypes.c_ubyte * pages)()
-            if libc.mincore(addr, size, vec) != 0:
-                err = ctypes.get_errno()
-                raise OSError(err, f"mincore {name}: {os.strerror(err)}")
-            resident = pages - bytes(vec).translate(bytes(b & 1 for b in range(256))).count(0)
-        finally:
-            libc.munmap(addr, size)
-    finally:
-        os.close(fd)
-    return resident, pages
 
 
 def residency(path) -> float:
@@ -165,15 +117,23 @@ def compute_ratios(stats: dict, modes) -> dict:
     return {key: ratio((a.get(key) or {}).get("median"), (b.get(key) or {}).get("median")) for key, *_ in METRICS}
 
 
+# Modes that promise the stock model. Others (fasthug 0.0.6) are compared, not required to match.
+EXACT_MODES = ("stock", "patched")
+
+
 def check_identical(trials: list[dict]) -> dict:
-    """Every trial (warmup included, every mode) must give the same weight digest and the
-    same tying structure."""
-    digests = sorted({t.get("digest") for t in trials})
-    ties = sorted({t.get("tie_digest") for t in trials})
-    forwards = sorted({t.get("forward_digest") for t in trials if t.get("forward_digest")})
-    identical = bool(trials) and len(digests) == 1 and None not in digests and len(ties) == 1
+    """Every stock and patched trial (warmup included) must give the same weight digest and
+    the same tying structure. Other modes are reported in ``matches_stock``."""
+    exact = [t for t in trials if t.get("mode", "stock") in EXACT_MODES]
+    digests = sorted({t.get("digest") for t in exact})
+    ties = sorted({t.get("tie_digest") for t in exact})
+    forwards = sorted({t.get("forward_digest") for t in exact if t.get("forward_digest")})
+    identical = bool(exact) and len(digests) == 1 and None not in digests and len(ties) == 1
+    others = sorted({t["mode"] for t in trials if t.get("mode", "stock") not in EXACT_MODES})
+    matches = {mode: all(t.get("digest") in digests and len(digests) == 1 for t in trials if t.get("mode") == mode)
+               for mode in others}
     return {"identical": identical, "digests": digests, "tie_digests": ties,
-            "forward_identical": None if not forwards else len(forwards) == 1}
+            "forward_identical": None if not forwards else len(forwards) == 1, "matches_stock": matches}
 
 
 # --------------------------------------------------------------------------- machine
@@ -423,9 +383,14 @@ def format_table(result: dict) -> str:
     lines.append("- time to ready = from_pretrained + one byte read in every 4 KiB page of every weight "
                  "(all pages resident); ratio > 1 means patched is faster / smaller")
     ident = "yes" if result.get("identical") else "NO"
-    lines.append(f"- weights identical across all {len(result.get('trials', []))} trials (sha256 of names, dtypes, "
+    exact = [t for t in result.get("trials", []) if t.get("mode", "stock") in EXACT_MODES]
+    lines.append(f"- weights identical across all {len(exact)} stock and patched trials (sha256 of names, dtypes, "
                  f"shapes, bytes; tying): **{ident}**" + ("" if result.get("identical") else
                                                           f" — digests {result.get('digests')}"))
+    for mode, same in (result.get("matches_stock") or {}).items():
+        dtypes = next((t.get("dtypes") for t in result.get("trials", []) if t.get("mode") == mode), None)
+        lines.append(f"- {mode}: {'the same model as stock' if same else 'NOT the model stock loads'}"
+                     f" ({_dtypes(dtypes)})")
     fh = result.get("fasthug")
     if fh:
         paths = ", ".join(f"{k}×{v}" for k, v in fh["paths"].items())

@@ -231,9 +231,18 @@ def run_trial(args) -> dict:
     import_s = time.perf_counter() - began_imports
     rss_before = rss_bytes()
 
+    load = cls.from_pretrained
+    if args.mode == "fasthug":
+        # fasthug 0.0.6 (pip install fasthug), the comparison column: its own entry point,
+        # which takes no dtype/device arguments and loads the checkpoint's dtype as is.
+        import fasthug as fasthug_006
+
+        if kwargs:
+            raise SystemExit(f"trial: fasthug 0.0.6 takes no {', '.join(kwargs)} argument")
+        load = fasthug_006.from_pretrained
     pf0 = faults()
     t0 = time.perf_counter()
-    model = cls.from_pretrained(args.path, **kwargs)
+    model = load(args.path, **kwargs)
     if args.device.startswith("cuda"):
         torch.cuda.synchronize()
     t1 = time.perf_counter()
@@ -315,7 +324,7 @@ def run_trial(args) -> dict:
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m fasthug_patch.bench.trial", description=__doc__.split("\n\n")[0])
-    p.add_argument("--mode", choices=("stock", "patched"), required=True)
+    p.add_argument("--mode", choices=("stock", "patched", "fasthug"), required=True)
     p.add_argument("--path", required=True)
     p.add_argument("--dtype", default="default", help="bf16|fp16|fp32|auto|default (default: no dtype kwarg)")
     p.add_argument("--device", default="cpu")
@@ -326,7 +335,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if args.mode == "stock" and ("fasthug_patch" in sys.modules or os.environ.get("FASTHUG_ENABLE") is not None):
+    if args.mode != "patched" and ("fasthug_patch" in sys.modules or os.environ.get("FASTHUG_ENABLE") is not None):
         # Run as ``-m fasthug_patch.bench.trial``: the package is imported already. Start
         # over as a plain script in a fresh interpreter, with the switch variable removed.
         env = {k: v for k, v in os.environ.items() if k != "FASTHUG_ENABLE"}
@@ -345,8 +354,8 @@ def main(argv=None) -> int:
         sys.stdout.flush()
         os.dup2(saved, 1)
         os.close(saved)
-    if args.mode == "stock" and result["fasthug_imported"]:
-        raise SystemExit("trial: stock mode imported fasthug_patch")
+    if args.mode != "patched" and result["fasthug_imported"]:
+        raise SystemExit(f"trial: {args.mode} mode imported fasthug_patch")
     sys.stdout.write(json.dumps(result, sort_keys=True) + "\n")
     sys.stdout.flush()
     sys.stderr.flush()

@@ -23,6 +23,7 @@ PAGE = mmap.PAGESIZE
 # Linux 5.14+: fault pages in from the kernel side; errors come back as EFAULT/EIO
 # instead of a SIGBUS in whichever thread touches the page first.
 MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)
+MADV_DONTNEED = getattr(mmap, "MADV_DONTNEED", 4)
 
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -83,6 +84,17 @@ class MappedFile:
         raise CheckpointError(
             self.path, ref.name, f"bytes {begin}..{end} could not be read ({os.strerror(err)}); was the file changed?"
         )
+
+    def release(self, ref: TensorRef, start: int, length: int) -> None:
+        """Unmap the pages that lie wholly inside bytes [start, start+length) of ``ref``
+        (already cast into their final tensor), so a cast load's resident memory stays
+        the final model's, not the final model's plus the checkpoint's. The page cache
+        keeps them; nothing was written to them, so a later read would see the same bytes."""
+        begin = ref.offset + start
+        first = begin + (-begin) % PAGE
+        end = (begin + length) - (begin + length) % PAGE
+        if end > first:
+            _libc.madvise(self.base + first, end - first, MADV_DONTNEED)
 
     def _check_inside(self, ref: TensorRef) -> None:
         current = os.stat(self.path).st_size if os.path.exists(self.path) else -1

@@ -1,24 +1,44 @@
 """Turn checkpoint tensors into final tensors, in parallel threads.
 
-A request is (source, dtype, device) and returns a Future of the final tensor:
-- same dtype on CPU: a zero-copy view of the mapped file, prefaulted in chunks;
-- another dtype: a fresh tensor of the target dtype, filled chunk by chunk straight from
-  the mapped bytes, so the cast is done once and no intermediate copy exists.
-Every request is split into chunks of at most ``chunk_bytes`` that the pool runs in
-submission order (which is file order when the caller submits in file order).
+Files first: ``prepare(files)`` (called as soon as the files are known, before the model
+is built) probes each file's page-cache residency and picks how to read it (recorded in
+``io``): a cached file is used through its mapping as is; a cold one is first filled into
+the page cache by parallel ``preadv`` chunks in file order (engine/filler.py), which start
+at once and overlap model construction.
 
-torch's copy kernels release the GIL, so plain threads scale to the cores.
+Then tensors: a request is (source, dtype, device) and returns a Future of the final tensor:
+- same dtype on CPU: a zero-copy view of the mapped file, once its bytes are in the page
+  cache (cached, or filled); prefaulted in chunks only where that is how the file is read;
+- another dtype: a fresh tensor of the target dtype, filled chunk by chunk straight from
+  the mapped bytes, so the cast is done once and no intermediate copy exists; the source
+  pages are unmapped chunk by chunk after their cast, so the process never holds the
+  checkpoint and the cast model at once.
+Every request is split into chunks of at most ``chunk_bytes`` that the pool runs in
+submission order; a chunk of a cold file first waits for the fill of its bytes, which was
+queued earlier, so a waiting thread never waits on work queued behind it.
+
+If the files to load are larger than the memory available, nothing is prefaulted or
+prefetched: pages are read on first use, as stock does, rather than thrash.
+
+torch's copy kernels and preadv release the GIL, so plain threads scale.
 """
 
 from __future__ import annotations
 
+import os
 import threading
 import time
+import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
 
+from fasthug_patch.engine import residency
+from fasthug_patch.engine.filler import FileFill
 from fasthug_patch.engine.mapped import MappedFiles
 from fasthug_patch.errors import FastPathError, Unsupported
 from fasthug_patch.plan import TensorRef
+
+# A file at least this much in the page cache is read through its mapping directly.
+CACHED_ENOUGH = 0.9
 
 
 class _Assembly:
@@ -45,11 +65,20 @@ class _Assembly:
 class Materializer:
     """One per load; ``close()`` waits for or cancels what is still queued."""
 
-    def __init__(self, threads: int, chunk_bytes: int, populate: bool) -> None:
+    def __init__(self, threads: int, chunk_bytes: int, populate: bool | None, io_mode: str = "auto") -> None:
         self.threads = threads
         self.chunk_bytes = chunk_bytes
         self.populate = populate
+        self.io_mode = io_mode
         self.files = MappedFiles()
+        self.io: dict[str, str] = {}  # file -> how it was read, and why
+        self.notes: list[str] = []
+        self._fills: dict[str, FileFill] = {}
+        self._lazy: set[str] = set()
+        self._populate: set[str] = set()  # files whose zero-copy tensors are prefaulted
+        self._cold: set[str] = set()  # files not (mostly) in the page cache when prepared
+        self._viewed: set[tuple[str, int]] = set()  # (file, offset) handed out zero-copy
+        self._prepare_lock = threading.Lock()
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="fasthug-reader")
         self._failed: BaseException | None = None
         self._stats_lock = threading.Lock()
@@ -58,43 +87,114 @@ class Materializer:
         self.tensors_cast = 0
         self.busy_seconds = 0.0
 
+    # -- files ----------------------------------------------------------------
+    def prepare(self, files) -> None:
+        """Choose how to read each of ``files`` and start filling the cold ones."""
+        with self._prepare_lock:
+            todo = [str(f) for f in files if str(f) not in self.io and os.path.isfile(f)]
+            if not todo:
+                return
+            sizes = {f: os.path.getsize(f) for f in todo}
+            available = residency.available_memory_bytes()
+            if available is not None and sum(sizes.values()) > available:
+                self._go_lazy(todo, sum(sizes.values()), available)
+                return
+            for name in todo:
+                self._choose(name, sizes[name])
+
+    def _choose(self, name: str, size: int) -> None:
+        cached = residency.resident_fraction(name) if self.io_mode == "auto" else None
+        read = self.io_mode == "read" or (cached is not None and cached < CACHED_ENOUGH)
+        why = f"{cached:.0%} cached" if cached is not None else f"FASTHUG_IO={self.io_mode}"
+        if cached is None or cached < CACHED_ENOUGH:
+            self._cold.add(name)
+        if not read or size == 0:
+            self.io[name] = f"mmap ({why})"
+            # Unless told, prefault only a cold file that is not filled: there, parallel
+            # prefaulting is what reads it.
+            if self.populate or (self.populate is None and cached is None):
+                self._populate.add(name)
+                self.io[name] += ", prefaulted"
+            return
+        if self.populate:
+            self._populate.add(name)
+        fill = self._fills[name] = FileFill(name, size, self.chunk_bytes)
+        self.io[name] = f"read: {len(fill.spans)} preadv chunks, {self.threads} threads ({why})"
+        for index in range(len(fill.spans)):
+            self._pool.submit(self._fill_job, fill, index)
+
+    def _fill_job(self, fill: FileFill, index: int) -> None:
+        if self._failed is not None:
+            fill.cancel(index, self._failed)
+            return
+        began = time.perf_counter()
+        fill.read_chunk(index)
+        with self._stats_lock:
+            self.busy_seconds += time.perf_counter() - began
+
+    def _go_lazy(self, names: list[str], total: int, available: int) -> None:
+        note = (
+            f"checkpoint files ({total / 1e9:.2f} GB) exceed the memory available ({available / 1e9:.2f} GB): "
+            "weights are mapped and read on first use, as stock does, instead of prefetched"
+        )
+        self.notes.append(note)
+        warnings.warn(f"fasthug_patch: {note}", UserWarning, stacklevel=2)
+        for name in names:
+            self._lazy.add(name)
+            self.io[name] = "mmap, read on first use (low memory)"
+
+    def _fill_of(self, path: str) -> FileFill | None:
+        if path not in self.io:
+            self.prepare([path])
+        return self._fills.get(path)
+
     # -- requests -------------------------------------------------------------
     def submit(self, source, dtype=None, device="cpu") -> Future:
         """Schedule ``source`` (a TensorRef or a CPU torch.Tensor) as ``dtype`` on ``device``."""
         if str(device) not in ("cpu", "None"):
             raise Unsupported(f"device {device} is not handled by the CPU materializer")
         if isinstance(source, TensorRef):
+            fill = self._fill_of(source.file)
             mapped = self.files.get(source.file)
             if (dtype is None or dtype == source.torch_dtype()) and mapped.is_aligned(source):
-                return self._mapped_view(mapped, source)
-            return self._cast(mapped.tensor(source) if mapped.is_aligned(source) else None, source, dtype, mapped)
+                return self._mapped_view(mapped, source, fill)
+            if not mapped.is_aligned(source):
+                if fill is None or not fill.wait(source.offset, source.nbytes):
+                    mapped.populate(source, 0, source.nbytes)
+                return self._cast(_read_unaligned(mapped, source), source, dtype, None, None)
+            if fill is not None:
+                fill.stop()
+            return self._cast(mapped.tensor(source), source, dtype, mapped, fill)
         if dtype is None or dtype == source.dtype:
             done: Future = Future()
             done.set_result(source[...])  # what stock hands over: a view of the same storage
             return done
-        return self._cast(source, None, dtype, None)
+        return self._cast(source, None, dtype, None, None)
 
-    def _mapped_view(self, mapped, ref: TensorRef) -> Future:
+    def _mapped_view(self, mapped, ref: TensorRef, fill: FileFill | None) -> Future:
         future: Future = Future()
         view = mapped.tensor(ref)
         with self._stats_lock:
             self.tensors_mapped += 1
             self.bytes_read += ref.nbytes
-        if not self.populate or ref.nbytes == 0:
+            self._viewed.add((ref.file, ref.offset))
+        populate = ref.file in self._populate
+        if ref.nbytes == 0 or (fill is None and not populate):
             future.set_result(view)
             return future
+        # Ready once its bytes are in the page cache (its fill done) and, if asked, mapped.
         spans = _spans(ref.nbytes, self.chunk_bytes)
         assembly = _Assembly(future, view, len(spans), ref.name)
         for start, length in spans:
-            self._run(assembly, mapped.populate, ref, start, length)
+            self._run(assembly, _populate_span, mapped, fill, ref, start, length, populate)
         return future
 
-    def _cast(self, src, ref: TensorRef | None, dtype, mapped) -> Future:
+    def _cast(self, src, ref: TensorRef | None, dtype, mapped, fill: FileFill | None) -> Future:
+        """Cast ``src`` into a fresh tensor chunk by chunk. With ``mapped``, ``src`` lies in
+        that mapping: each chunk waits for its fill, and its source pages are unmapped after."""
         import torch
 
         future: Future = Future()
-        if src is None:  # unaligned bytes: read them into an aligned buffer first
-            src = _read_unaligned(mapped, ref)
         dtype = dtype or src.dtype
         label = ref.name if ref is not None else "tensor"
         dst = torch.empty(src.shape, dtype=dtype)
@@ -108,8 +208,18 @@ class Materializer:
         per_chunk = max(1, self.chunk_bytes // max(dst.element_size(), src.element_size()))
         spans = _spans(src_flat.numel(), per_chunk)
         assembly = _Assembly(future, dst, len(spans), label)
-        for start, count in spans:
-            self._run(assembly, _copy_span, dst_flat, src_flat, start, count)
+        if mapped is not None and ref.file not in self._lazy:
+            # Released pages must not belong to a tensor also handed out zero-copy.
+            release = mapped if (ref.file, ref.offset) not in self._viewed else None
+            # Bytes not known to be read are faulted in by MADV_POPULATE_READ before the cast,
+            # so a file truncated under the mapping is an exception naming it, not a SIGBUS
+            # in copy_ (costs about 0.1 s of CPU per 4 GB).
+            guard = mapped
+            for start, count in spans:
+                self._run(assembly, _cast_mapped_span, dst_flat, src_flat, start, count, fill, guard, release, ref)
+        else:
+            for start, count in spans:
+                self._run(assembly, _copy_span, dst_flat, src_flat, start, count)
         return future
 
     # -- execution ------------------------------------------------------------
@@ -144,6 +254,23 @@ def _spans(total: int, step: int) -> list[tuple[int, int]]:
 
 def _copy_span(dst_flat, src_flat, start: int, count: int) -> None:
     dst_flat[start : start + count].copy_(src_flat[start : start + count])
+
+
+def _populate_span(mapped, fill: FileFill | None, ref: TensorRef, start: int, length: int, always: bool) -> None:
+    filled = fill is not None and fill.wait(ref.offset + start, length)
+    if always or (fill is not None and not filled):  # asked, or the fill stopped short of these bytes
+        mapped.populate(ref, start, length)
+
+
+def _cast_mapped_span(dst_flat, src_flat, start: int, count: int, fill, guard, release, ref: TensorRef) -> None:
+    size = src_flat.element_size()
+    if fill is not None:
+        fill.wait(ref.offset + start * size, count * size)  # raises a failed read's error
+    if guard is not None:
+        guard.populate(ref, start * size, count * size)
+    dst_flat[start : start + count].copy_(src_flat[start : start + count])
+    if release is not None:
+        release.release(ref, start * size, count * size)
 
 
 def _read_unaligned(mapped, ref: TensorRef):

@@ -1,0 +1,289 @@
+"""The benchmark suite: scenarios x sizes x transformers lines -> JSON -> docs/benchmarks.md.
+
+    python bench/suite.py run --python /path/venv-5.x/bin/python --python /path/venv-4.57/bin/python
+    python bench/suite.py render           # docs/benchmarks.md and docs/benchmarks.png from bench/results/
+
+Each (scenario, size, transformers line) is one ``run_bench`` (fresh process per trial,
+ABBA order, medians) saved as bench/results/<transformers version>/<scenario>-<size>.json;
+rendering reads whatever results exist, so a partial run still renders, and the page says
+which cells were not run and why. Ceilings (memory, page cache, parallel disk read) are
+measured once per checkpoint in the same run and stored with its results.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+
+from fasthug_patch.bench import checkpoints, runner
+
+
+@dataclass(frozen=True)
+class Scenario:
+    key: str
+    title: str
+    checkpoint_dtype: str
+    cold: bool = False
+    dtype: str = "default"  # the dtype argument of from_pretrained
+    quant: str | None = None
+    device: str = "cpu"
+    needs: str | None = None  # "cuda" or "bitsandbytes"
+
+
+SCENARIOS = (
+    Scenario("S1", "warm page cache, same dtype (bf16 checkpoint, dtype=bf16)", "bf16", dtype="bf16"),
+    Scenario("S2", "cold page cache, same dtype (bf16 checkpoint, dtype=bf16)", "bf16", cold=True, dtype="bf16"),
+    Scenario("S3", "fp32 checkpoint loaded as bf16, warm", "fp32", dtype="bf16"),
+    Scenario("S3c", "fp32 checkpoint loaded as bf16, cold", "fp32", cold=True, dtype="bf16"),
+    Scenario("D4", "4.57's default: bf16 checkpoint, no dtype argument (fp32 model), warm", "bf16"),
+    Scenario("S4-int8", "bitsandbytes int8 on the fly", "bf16", quant="8bit", device="cuda", needs="cuda"),
+    Scenario("S4-nf4", "bitsandbytes nf4 on the fly", "bf16", quant="4bit", device="cuda", needs="cuda"),
+    Scenario("S5", "pre-quantised checkpoint", "bf16", device="cuda", needs="cuda"),
+    Scenario("S6", 'device_map="cuda"', "bf16", dtype="bf16", device="cuda", needs="cuda"),
+)
+SIZES = ("125m", "1b", "3b")
+RESULTS_DIR = os.path.join("bench", "results")
+DOC = os.path.join("docs", "benchmarks.md")
+PLOT = os.path.join("docs", "benchmarks.png")
+
+
+def python_info(python: str) -> dict:
+    """transformers version of ``python``, and whether it has CUDA and fasthug 0.0.6."""
+    code = ("import json, importlib.util, transformers, torch; print(json.dumps({'transformers': "
+            "transformers.__version__, 'cuda': torch.cuda.is_available(), "
+            "'fasthug': importlib.util.find_spec('fasthug') is not None}))")
+    out = subprocess.run([python, "-c", code], capture_output=True, text=True, check=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def skip_reason(scenario: Scenario, info: dict, size: str) -> str | None:
+    if scenario.needs == "cuda" and not info["cuda"]:
+        return "needs a CUDA GPU; none on this machine"
+    if scenario.key == "D4" and not info["transformers"].startswith("4."):
+        return "5.x has no fp32 default"
+    if scenario.checkpoint_dtype == "fp32" and size == "3b":
+        return "a 12 GB fp32 checkpoint plus stock's peak would not fit beside the others in 24 GiB"
+    return None
+
+
+def result_path(root: str, transformers_version: str, scenario: Scenario, size: str) -> str:
+    return os.path.join(root, RESULTS_DIR, transformers_version, f"{scenario.key}-{size}.json")
+
+
+def run(pythons, sizes, scenario_keys, n: int, warmup: int, root: str) -> None:
+    for python in pythons:
+        info = python_info(python)
+        for size in sizes:
+            ceilings_done: dict[str, dict] = {}
+            for scenario in SCENARIOS:
+                if scenario_keys and scenario.key not in scenario_keys:
+                    continue
+                out = result_path(root, info["transformers"], scenario, size)
+                reason = skip_reason(scenario, info, size)
+                if reason:
+                    _save(out, {"skipped": reason, "scenario": scenario.key, "size": size})
+                    continue
+                path = checkpoints.cached_checkpoint("llama", size, scenario.checkpoint_dtype,
+                                                     shard_size=checkpoints.DEFAULT_SHARD.get(size))
+                modes = ("stock", "patched")
+                if info["fasthug"] and info["transformers"].startswith("4.") and scenario.dtype == "default":
+                    modes += ("fasthug",)  # 0.0.6 takes no dtype argument
+                print(f"== transformers {info['transformers']} {scenario.key} {size}: {scenario.title}", flush=True)
+                fasthug_error = None
+                if "fasthug" in modes:
+                    try:  # one trial first: 0.0.6 fails on some checkpoints; then it sits out
+                        runner.run_trial(path, "fasthug", python=python)
+                    except runner.TrialError as exc:
+                        fasthug_error = str(exc).strip().splitlines()[-1]
+                        modes = ("stock", "patched")
+                result = runner.run_bench(path, modes=modes, n=n, warmup=warmup, cold=scenario.cold,
+                                          dtype=scenario.dtype, python=python, device=scenario.device,
+                                          quant=scenario.quant, ceilings=False)
+                result["fasthug_error"] = fasthug_error
+                if path not in ceilings_done:
+                    ceilings_done[path] = runner.run_ceilings(path, python=python)
+                result["ceilings"] = ceilings_done[path]
+                result.update(scenario=scenario.key, size=size, title=scenario.title)
+                result["trials"] = [{k: v for k, v in t.items() if k != "summary"} for t in result["trials"]]
+                _save(out, result)
+                print(runner.format_table(result), flush=True)
+
+
+def _save(filename: str, data: dict) -> None:
+    os.makedirs(os.path.dirname(filename), exist_ok=True)
+    with open(filename, "w") as f:
+        json.dump(data, f, indent=1, sort_keys=True, default=str)
+
+
+def load_results(root: str) -> list[dict]:
+    found = []
+    for name in sorted(glob.glob(os.path.join(root, RESULTS_DIR, "*", "*.json"))):
+        with open(name) as f:
+            data = json.load(f)
+        data["_version_dir"] = os.path.basename(os.path.dirname(name))
+        found.append(data)
+    return found
+
+
+def ceiling_fraction(result: dict) -> float | None:
+    """Time to ready at the ceiling / patched time to ready: cold runs against the parallel
+    disk read ceiling over the checkpoint's bytes, warm same-dtype ones against the warm
+    page-cache (mmap) ceiling."""
+    c = result.get("ceilings") or {}
+    patched = ((result.get("stats") or {}).get("patched") or {}).get("ready_s") or {}
+    nbytes = result.get("checkpoint_bytes")
+    key = "cold_read_gbps" if result.get("cold") else "mmap_warm_gbps"
+    if not (c.get(key) and patched.get("median") and nbytes):
+        return None
+    return nbytes / 1e9 / c[key] / patched["median"]
+
+
+def _cell(stats: dict, mode: str, key: str, scale: float = 1.0) -> str:
+    s = (stats.get(mode) or {}).get(key)
+    return "–" if not s else f"{s['median'] * scale:.2f} ({s['min'] * scale:.2f}–{s['max'] * scale:.2f})"
+
+
+def render(root: str) -> str:
+    results = load_results(root)
+    lines = ["# Benchmarks", "",
+             "Generated by `python bench/suite.py render` from the JSON in bench/results/ (written by "
+             "`python bench/suite.py run`); do not edit by hand.", "",
+             "Every number is a median over fresh processes, stock and patched alternating (ABBA), after a "
+             "warm-up round; min–max in brackets. **Time to ready** is `from_pretrained` plus every weight "
+             "page resident (one byte read in every 4 KiB page), with the modeling module imported "
+             "beforehand. Cold runs evict the checkpoint's pages with `posix_fadvise(POSIX_FADV_DONTNEED)` "
+             "before every trial. *Same model* means every stock and patched trial gave the same sha256 over "
+             "all weights' names, dtypes, shapes and bytes, and the same tied groups.", "",
+             "The checkpoints are Llama-architecture models with seeded random weights built locally "
+             "(`fasthug_patch.bench.checkpoints`): 125m (~0.2B with its 32k vocabulary), 1b (TinyLlama-1.1B "
+             "shape), 3b (Llama-3.2-3B body, sharded in 2 GB files).", "",
+             "![time to ready, stock vs patched](benchmarks.png)", ""]
+    by_version: dict[str, list[dict]] = {}
+    for r in results:
+        by_version.setdefault(r["_version_dir"], []).append(r)
+    machine = next((r.get("machine") for r in results if r.get("machine")), None)
+    if machine:
+        lines += [f"Machine: {machine.get('cpu')}, {machine.get('cores')} cores, "
+                  f"{(machine.get('ram_bytes') or 0) / 2**30:.0f} GiB RAM, Linux {machine.get('kernel')}, "
+                  f"torch {machine.get('torch')}; no GPU. Measured {min(r.get('started', '~') for r in results if r.get('started'))}.", ""]
+    order = {s.key: i for i, s in enumerate(SCENARIOS)}
+    for version in sorted(by_version, reverse=True):
+        rows = sorted(by_version[version], key=lambda r: (order.get(r.get("scenario"), 99), SIZES.index(r["size"])
+                                                          if r.get("size") in SIZES else 9))
+        lines += [f"## transformers {version}", "",
+                  "| scenario | size | GB | stock ready s | patched ready s | stock/patched | fasthug 0.0.6 ready s "
+                  "| peak RSS stock / patched GB | of ceiling | same model |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
+        skipped = []
+        for r in rows:
+            if r.get("skipped"):
+                skipped.append(f"- {r['scenario']} {r['size']}: not run ({r['skipped']})")
+                continue
+            stats, ratio = r["stats"], r.get("ratio") or {}
+            frac = ceiling_fraction(r)
+            fh = "–"
+            if r.get("fasthug_error"):
+                fh = f"fails: `{r['fasthug_error'][:80]}`"
+            if "fasthug" in r["modes"]:
+                fh = _cell(stats, "fasthug", "ready_s")
+                if not (r.get("matches_stock") or {}).get("fasthug", False):
+                    fh += " (not the stock model)"
+            speedup = "–" if ratio.get("ready_s") is None else f"{ratio['ready_s']:.2f}x"
+            rss = f"{_cell(stats, 'stock', 'peak_rss_bytes', 1e-9).split()[0]} / {_cell(stats, 'patched', 'peak_rss_bytes', 1e-9).split()[0]}"
+            lines.append(
+                f"| {r['scenario']} {r.get('title', '')} | {r['size']} | {(r.get('checkpoint_bytes') or 0) / 1e9:.2f} "
+                f"| {_cell(stats, 'stock', 'ready_s')} | {_cell(stats, 'patched', 'ready_s')} "
+                f"| {speedup} | {fh} | {rss} "
+                f"| {'–' if frac is None else f'{frac:.0%}'} | {'yes' if r.get('identical') else 'NO'} |")
+        lines.append("")
+        lines += skipped
+        if skipped:
+            lines.append("")
+        ceil = next((r for r in rows if r.get("ceilings") and r.get("size") == "1b" and not r.get("skipped")), None)
+        if ceil:
+            lines += ["Ceilings on the 1b checkpoint, same run: "
+                      + runner.format_ceilings(ceil["ceilings"], ceil.get("weight_bytes"), ceil.get("checkpoint_bytes")), ""]
+        cmds = sorted({r["command"] for r in rows if r.get("command")})
+        if cmds:
+            lines += ["<details><summary>Commands to rerun one cell</summary>", ""]
+            lines += [f"    {c}" for c in cmds] + ["", "</details>", ""]
+    lines += ["## Reading the numbers", "",
+              "- *of ceiling*: the time the machine's ceiling needs for the checkpoint's bytes (cold: the best "
+              "parallel `preadv` read; warm: reading the page cache through a fresh mapping) divided by "
+              "patched time to ready, so 100% means the load ran at the ceiling. Time to ready includes "
+              "building the model, which the ceiling does not.",
+              "- Peak RSS counts mapped checkpoint pages; a zero-copy load holds the checkpoint's bytes, a cast "
+              "load should hold only the result's.",
+              "- fasthug 0.0.6 loads the checkpoint's own dtype whatever transformers' default; in the default "
+              "(no dtype) scenario on 4.57 that is bf16 where stock gives fp32, so its model is not stock's.",
+              ""]
+    return "\n".join(lines)
+
+
+def plot(root: str, filename: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    results = [r for r in load_results(root) if not r.get("skipped") and r.get("size") == "1b"]
+    versions = sorted({r["_version_dir"] for r in results}, reverse=True)
+    if not versions:
+        return
+    fig, axes = plt.subplots(1, len(versions), figsize=(6 * len(versions), 3.8), squeeze=False)
+    order = {s.key: i for i, s in enumerate(SCENARIOS)}
+    for ax, version in zip(axes[0], versions):
+        rows = sorted((r for r in results if r["_version_dir"] == version), key=lambda r: order.get(r["scenario"], 99))
+        labels = [r["scenario"] for r in rows]
+        xs = range(len(rows))
+        for offset, mode, color in ((-0.2, "stock", "#999999"), (0.2, "patched", "#1f77b4")):
+            med = [((r["stats"].get(mode) or {}).get("ready_s") or {}).get("median", 0) for r in rows]
+            lo = [m - ((r["stats"].get(mode) or {}).get("ready_s") or {}).get("min", m) for m, r in zip(med, rows)]
+            hi = [((r["stats"].get(mode) or {}).get("ready_s") or {}).get("max", m) - m for m, r in zip(med, rows)]
+            ax.bar([x + offset for x in xs], med, 0.4, yerr=[lo, hi], label=mode, color=color, capsize=3)
+        ax.set_xticks(list(xs), labels)
+        ax.set_ylabel("time to ready (s), median, min-max")
+        ax.set_title(f"~1.1B Llama, transformers {version}")
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(filename, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="bench/suite.py", description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    r = sub.add_parser("run", help="run the scenarios, then render")
+    r.add_argument("--python", action="append", help="interpreter of one transformers line (repeatable)")
+    r.add_argument("--sizes", default=",".join(SIZES))
+    r.add_argument("--scenarios", default="", help="comma-separated keys (default: all)")
+    r.add_argument("-n", type=int, default=3)
+    r.add_argument("--warmup", type=int, default=1)
+    r.add_argument("--root", default=".")
+    d = sub.add_parser("render", help="write docs/benchmarks.md and docs/benchmarks.png from bench/results")
+    d.add_argument("--root", default=".")
+    args = p.parse_args(argv)
+    if args.command == "run":
+        began = time.time()
+        run(args.python or [sys.executable], [s for s in args.sizes.split(",") if s],
+            {s for s in args.scenarios.split(",") if s}, args.n, args.warmup, args.root)
+        print(f"suite: {time.time() - began:.0f}s")
+    os.makedirs(os.path.join(args.root, "docs"), exist_ok=True)
+    with open(os.path.join(args.root, DOC), "w") as f:
+        f.write(render(args.root))
+    try:
+        plot(args.root, os.path.join(args.root, PLOT))
+    except ImportError:
+        print("matplotlib is not installed: no plot", file=sys.stderr)
+    print(f"wrote {DOC}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

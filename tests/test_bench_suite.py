@@ -1,0 +1,92 @@
+"""The benchmark suite's bookkeeping: which cells run, where results go, how the page reads."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from fasthug_patch.bench import runner, suite
+from tests.test_bench import _fake
+
+CPU_457 = {"transformers": "4.57.6", "cuda": False, "fasthug": True}
+CPU_5 = {"transformers": "5.23.0", "cuda": False, "fasthug": False}
+
+
+def _scenario(key):
+    return next(s for s in suite.SCENARIOS if s.key == key)
+
+
+def test_every_issue_scenario_is_listed():
+    keys = {s.key for s in suite.SCENARIOS}
+    assert {"S1", "S2", "S3", "S4-int8", "S4-nf4", "S5", "S6"} <= keys
+
+
+@pytest.mark.parametrize("key,info,size,skipped", [
+    ("S1", CPU_5, "1b", False),
+    ("S6", CPU_5, "1b", True),  # no GPU
+    ("S4-nf4", CPU_457, "1b", True),
+    ("D4", CPU_5, "1b", True),  # 5.x has no fp32 default
+    ("D4", CPU_457, "1b", False),
+    ("S3", CPU_457, "3b", True),  # a 12 GB fp32 checkpoint
+])
+def test_skip_reasons(key, info, size, skipped):
+    reason = suite.skip_reason(_scenario(key), info, size)
+    assert (reason is not None) == skipped
+    if skipped:
+        assert len(reason) > 10  # a sentence a reader can act on
+
+
+def _result(scenario, size, stock, patched, cold=False, **extra):
+    trials = [_fake("stock", stock), _fake("patched", patched)]
+    modes = ("stock", "patched")
+    stats = runner.compute_stats(trials, modes)
+    out = {"scenario": scenario, "size": size, "title": _scenario(scenario).title, "modes": list(modes),
+           "stats": stats, "ratio": runner.compute_ratios(stats, modes), "identical": True, "cold": cold,
+           "checkpoint_bytes": 2.2e9, "weight_bytes": 2.2e9, "machine": runner.machine_info(),
+           "command": f"bench {scenario}", "started": "2026-11-23 05:00:00", "trials": trials}
+    out.update(extra)
+    return out
+
+
+def _write(root, version, name, data):
+    path = os.path.join(root, suite.RESULTS_DIR, version, name)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(data, f)
+
+
+def test_render_reads_every_result_and_says_what_was_skipped(tmp_path):
+    root = str(tmp_path)
+    _write(root, "5.23.0", "S1-1b.json", _result("S1", "1b", 0.30, 0.25,
+                                                  ceilings={"mmap_warm_gbps": 11.0, "cold_read_gbps": 2.2}))
+    _write(root, "5.23.0", "S2-1b.json", _result("S2", "1b", 2.0, 1.25, cold=True,
+                                                  ceilings={"mmap_warm_gbps": 11.0, "cold_read_gbps": 2.2}))
+    _write(root, "5.23.0", "S6-1b.json", {"skipped": "needs a CUDA GPU; none on this machine", "scenario": "S6",
+                                           "size": "1b"})
+    _write(root, "4.57.6", "D4-1b.json", _result("D4", "1b", 2.7, 1.8, identical=False,
+                                                  fasthug_error="AssertionError: model.embed_tokens.weight"))
+    page = suite.render(root)
+    assert page.index("## transformers 5.23.0") < page.index("## transformers 4.57.6")
+    assert "| 1.60x |" in page  # 2.0 / 1.25
+    assert "S6 1b: not run (needs a CUDA GPU" in page
+    assert "fails: `AssertionError: model.embed_tokens.weight`" in page
+    assert "| NO |" in page  # a mismatch is shown, not hidden
+    # of ceiling, cold: 2.2 GB at 2.2 GB/s = 1 s, against 1.25 s patched
+    assert "| 80% |" in page
+    assert "bench S2" in page  # the command to rerun it
+
+
+def test_ceiling_fraction_needs_all_inputs():
+    assert suite.ceiling_fraction(_result("S1", "1b", 1.0, 1.0)) is None
+    warm = _result("S1", "1b", 1.0, 0.5, ceilings={"mmap_warm_gbps": 4.4})
+    assert warm and suite.ceiling_fraction(warm) == pytest.approx(1.0)
+
+
+def test_plot_writes_a_png(tmp_path):
+    pytest.importorskip("matplotlib")
+    root = str(tmp_path)
+    _write(root, "5.23.0", "S1-1b.json", _result("S1", "1b", 0.30, 0.25))
+    suite.plot(root, str(tmp_path / "p.png"))
+    assert (tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
