@@ -272,3 +272,24 @@ def test_sampled_residency_agrees_with_the_full_count(tmp_path):
     if not 0.3 < full < 0.8:
         pytest.skip(f"this filesystem caches differently ({full:.0%} after reading half)")
     assert residency.resident_fraction(path, windows=64) == pytest.approx(full, abs=0.1)
+
+
+def test_cast_destinations_ask_for_huge_pages_without_changing_values(tmp_path, monkeypatch):
+    from fasthug_patch.engine import hugepages
+
+    path = str(tmp_path / "h.safetensors")
+    tensor = torch.randn(3 << 20, dtype=torch.float32).to(torch.bfloat16)  # 6 MiB in, 12 MiB out
+    save_file({"w": tensor}, path)
+    refs = CheckpointIndex().tensors([path])
+    advised = []
+    real = hugepages.prefer_huge_pages
+    monkeypatch.setattr("fasthug_patch.engine.materialize.prefer_huge_pages",
+                        lambda t: advised.append(real(t)) or advised[-1])
+    engine = Materializer(threads=2, chunk_bytes=1 << 20, populate=None)
+    got = engine.submit(refs["w"], torch.float32).result()
+    engine.close()
+    assert torch.equal(got, tensor.to(torch.float32))
+    assert len(advised) == 1
+    monkeypatch.setenv("FASTHUG_HUGE_PAGES", "0")
+    assert hugepages.prefer_huge_pages(torch.empty(8 << 20, dtype=torch.uint8)) is False
+    assert hugepages.prefer_huge_pages(torch.empty(16, dtype=torch.uint8)) is False

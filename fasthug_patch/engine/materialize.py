@@ -33,6 +33,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 from fasthug_patch.engine import residency
 from fasthug_patch.engine.filler import FileFill
+from fasthug_patch.engine.hugepages import prefer_huge_pages
 from fasthug_patch.engine.mapped import MappedFiles
 from fasthug_patch.errors import FastPathError, Unsupported
 from fasthug_patch.plan import TensorRef
@@ -198,6 +199,7 @@ class Materializer:
         dtype = dtype or src.dtype
         label = ref.name if ref is not None else "tensor"
         dst = torch.empty(src.shape, dtype=dtype)
+        prefer_huge_pages(dst)  # before the chunks first touch it
         with self._stats_lock:
             self.tensors_cast += 1
             self.bytes_read += src.numel() * src.element_size()
