@@ -16,7 +16,6 @@ CHUNK_MB_VAR = "FASTHUG_CHUNK_MB"
 POPULATE_VAR = "FASTHUG_POPULATE"
 ALLOW_UNTESTED_VAR = "FASTHUG_ALLOW_UNTESTED"
 IO_VAR = "FASTHUG_IO"
-HUGE_PAGES_VAR = "FASTHUG_HUGE_PAGES"
 MEMORY_VAR = "FASTHUG_MEMORY_AVAILABLE_MB"
 
 IO_MODES = ("auto", "mmap", "read")
@@ -73,12 +72,6 @@ def io_mode() -> str:
     parallel preadv first)."""
     value = os.environ.get(IO_VAR, "").strip().lower()
     return value if value in IO_MODES else "auto"
-
-
-def huge_pages() -> bool:
-    """Ask for transparent huge pages behind cast destinations (engine/hugepages.py)."""
-    flag = env_flag(HUGE_PAGES_VAR)
-    return True if flag is None else flag
 
 
 def memory_available_override() -> int | None:

@@ -312,6 +312,7 @@ def test_checkpoint_sizes():
     assert 2.1e9 < checkpoints.estimated_bytes("1b", "bf16") < 2.3e9
     assert 2.8e9 < checkpoints.param_count("3b") < 3.4e9
     assert 0.1e9 < checkpoints.param_count("125m") < 0.2e9
+    assert checkpoints.param_count("1b") - checkpoints.param_count("1b-tied") == 32000 * 2048  # one head fewer
     assert checkpoints.spec("llama", "3b", "bf16")["shard_size"] == "2GB"
     with pytest.raises(ValueError):
         checkpoints.spec("llama", "7b", "bf16")

@@ -30,6 +30,9 @@ def test_every_issue_scenario_is_listed():
     ("D4", CPU_5, "1b", True),  # 5.x has no fp32 default
     ("D4", CPU_457, "1b", False),
     ("S3", CPU_457, "3b", True),  # a 12 GB fp32 checkpoint
+    ("F1", CPU_457, "1b", False),
+    ("F1", CPU_457, "125m", True),  # one size only
+    ("F1", CPU_5, "1b", True),
 ])
 def test_skip_reasons(key, info, size, skipped):
     reason = suite.skip_reason(_scenario(key), info, size)

@@ -162,7 +162,8 @@ def _evict(path: str) -> None:
         os.close(fd)
 
 
-def test_reading_is_chosen_per_file_from_its_residency(tmp_path):
+def test_reading_is_chosen_per_file_from_its_residency(tmp_path, monkeypatch):
+    monkeypatch.setattr("fasthug_patch.engine.materialize.FILL_MIN_BYTES", 0)
     warm, cold = str(tmp_path / "warm.safetensors"), str(tmp_path / "cold.safetensors")
     save_file({"w": torch.randn(256, 1024)}, warm)
     save_file({"c": torch.randn(256, 1024)}, cold)
@@ -274,22 +275,16 @@ def test_sampled_residency_agrees_with_the_full_count(tmp_path):
     assert residency.resident_fraction(path, windows=64) == pytest.approx(full, abs=0.1)
 
 
-def test_cast_destinations_ask_for_huge_pages_without_changing_values(tmp_path, monkeypatch):
-    from fasthug_patch.engine import hugepages
 
-    path = str(tmp_path / "h.safetensors")
-    tensor = torch.randn(3 << 20, dtype=torch.float32).to(torch.bfloat16)  # 6 MiB in, 12 MiB out
-    save_file({"w": tensor}, path)
+def test_a_small_cold_file_is_left_to_the_kernels_readahead(tmp_path):
+    path = str(tmp_path / "small.safetensors")
+    save_file({"w": torch.randn(256, 1024)}, path)
+    _evict(path)
+    if residency.resident_fraction(path) > 0.5:
+        pytest.skip("this filesystem does not drop cached pages on request")
+    engine = Materializer(threads=4, chunk_bytes=1 << 16, populate=None)
     refs = CheckpointIndex().tensors([path])
-    advised = []
-    real = hugepages.prefer_huge_pages
-    monkeypatch.setattr("fasthug_patch.engine.materialize.prefer_huge_pages",
-                        lambda t: advised.append(real(t)) or advised[-1])
-    engine = Materializer(threads=2, chunk_bytes=1 << 20, populate=None)
-    got = engine.submit(refs["w"], torch.float32).result()
+    got = engine.submit(refs["w"]).result()
     engine.close()
-    assert torch.equal(got, tensor.to(torch.float32))
-    assert len(advised) == 1
-    monkeypatch.setenv("FASTHUG_HUGE_PAGES", "0")
-    assert hugepages.prefer_huge_pages(torch.empty(8 << 20, dtype=torch.uint8)) is False
-    assert hugepages.prefer_huge_pages(torch.empty(16, dtype=torch.uint8)) is False
+    assert "small: read on first use" in engine.io[path] and path not in engine._fills
+    assert torch.equal(got, load_file(path)["w"])

@@ -409,3 +409,25 @@ def test_error_submitting_a_tensor_falls_back(good, monkeypatch):
     assert_same_model(stock, fast)
     assert not _reader_threads() and not _settle(threads)
     assert _fd_count() == fds
+
+
+# --------------------------------------------------------------------------- low memory
+
+
+@pytest.mark.parametrize("path_kind", sorted(PATHS))
+@pytest.mark.parametrize("kind", ["single", "sharded"])
+def test_checkpoint_larger_than_free_memory_streams_with_a_warning(good, monkeypatch, kind, path_kind):
+    """With less memory free than the checkpoint's files (simulated), nothing is prefetched
+    or prefaulted: weights are read on first use as stock reads them, and the user is told."""
+    path = good[kind]
+    kwargs = PATHS[path_kind]
+    with fasthug_patch.disabled():
+        stock, _ = load_model(AUTO, path, **kwargs)
+    monkeypatch.setenv("FASTHUG_MEMORY_AVAILABLE_MB", "0")
+    with fasthug_patch.enabled(), pytest.warns(UserWarning, match="exceed the memory available"):
+        fast, _ = load_model(AUTO, path, **kwargs)
+    report = fasthug_patch.last_report()
+    assert report.path == "fast"
+    assert any("first use" in how for how in report.io.values()), report.io
+    assert any("exceed the memory available" in note for note in report.notes)
+    assert_same_model(stock, fast, context=f"{kind}/{path_kind} low memory")

@@ -40,6 +40,9 @@ SIZES: dict[str, dict] = {
                num_key_value_heads=8, vocab_size=32000, max_position_embeddings=4096,
                tie_word_embeddings=False),
 }
+# 1b with its head tied to the embeddings (as Gemma, OPT, Llama-3.2-1B): the one layout
+# fasthug 0.0.6 loads, so the suite can time it beside stock and the plugin.
+SIZES["1b-tied"] = dict(SIZES["1b"], tie_word_embeddings=True)
 # Sizes saved sharded (with an index) unless shard_size is given.
 DEFAULT_SHARD = {"3b": "2GB"}
 

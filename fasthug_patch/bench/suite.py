@@ -34,6 +34,7 @@ class Scenario:
     quant: str | None = None
     device: str = "cpu"
     needs: str | None = None  # "cuda" or "bitsandbytes"
+    checkpoint_size: str | None = None  # instead of the size being run (one size only)
 
 
 SCENARIOS = (
@@ -42,6 +43,8 @@ SCENARIOS = (
     Scenario("S3", "fp32 checkpoint loaded as bf16, warm", "fp32", dtype="bf16"),
     Scenario("S3c", "fp32 checkpoint loaded as bf16, cold", "fp32", cold=True, dtype="bf16"),
     Scenario("D4", "4.57's default: bf16 checkpoint, no dtype argument (fp32 model), warm", "bf16"),
+    Scenario("F1", "tied-embedding 1b (the layout fasthug 0.0.6 loads), no dtype argument, warm", "bf16",
+             checkpoint_size="1b-tied"),
     Scenario("S4-int8", "bitsandbytes int8 on the fly", "bf16", quant="8bit", device="cuda", needs="cuda"),
     Scenario("S4-nf4", "bitsandbytes nf4 on the fly", "bf16", quant="4bit", device="cuda", needs="cuda"),
     Scenario("S5", "pre-quantised checkpoint", "bf16", device="cuda", needs="cuda"),
@@ -65,8 +68,10 @@ def python_info(python: str) -> dict:
 def skip_reason(scenario: Scenario, info: dict, size: str) -> str | None:
     if scenario.needs == "cuda" and not info["cuda"]:
         return "needs a CUDA GPU; none on this machine"
-    if scenario.key == "D4" and not info["transformers"].startswith("4."):
-        return "5.x has no fp32 default"
+    if scenario.key in ("D4", "F1") and not info["transformers"].startswith("4."):
+        return "5.x has no fp32 default" if scenario.key == "D4" else "fasthug 0.0.6 runs beside 4.57 only"
+    if scenario.checkpoint_size and size != "1b":
+        return f"run once, at 1b, on the {scenario.checkpoint_size} checkpoint"
     if scenario.checkpoint_dtype == "fp32" and size == "3b":
         return "a 12 GB fp32 checkpoint plus stock's peak would not fit beside the others in 24 GiB"
     return None
@@ -89,8 +94,9 @@ def run(pythons, sizes, scenario_keys, n: int, warmup: int, root: str) -> None:
                 if reason:
                     _save(out, {"skipped": reason, "scenario": scenario.key, "size": size})
                     continue
-                path = checkpoints.cached_checkpoint("llama", size, scenario.checkpoint_dtype,
-                                                     shard_size=checkpoints.DEFAULT_SHARD.get(size))
+                built = scenario.checkpoint_size or size
+                path = checkpoints.cached_checkpoint("llama", built, scenario.checkpoint_dtype,
+                                                     shard_size=checkpoints.DEFAULT_SHARD.get(built))
                 modes = ("stock", "patched")
                 if info["fasthug"] and info["transformers"].startswith("4.") and scenario.dtype == "default":
                     modes += ("fasthug",)  # 0.0.6 takes no dtype argument

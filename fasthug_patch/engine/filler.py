@@ -3,9 +3,9 @@
 Reading a cold file through its mapping faults it in one readahead window at a time per
 thread. Explicit reads of large chunks from many threads keep the disk's queue full, can
 start before the model's layout is known (they need only the file), and report a short
-read as an error naming the file. Each thread reads into its own reused buffer (a ring
-of one small buffer per thread), so the fill adds the page cache's bytes and almost
-nothing to the process: the tensors are then taken from the mapping, zero-copy or cast chunk by chunk.
+read as an error naming the file. The reads land in one small discard buffer, so the fill
+adds the page cache's bytes and almost nothing to the process: the tensors are then taken
+from the mapping, zero-copy or cast chunk by chunk.
 """
 
 from __future__ import annotations
@@ -16,17 +16,23 @@ import threading
 from fasthug_patch.errors import CheckpointError
 
 # Each read is at most this long: 16 threads x 4 MiB keeps 64 MiB in flight, enough to
-# saturate the reference disk, while the buffers cost the process only 64 MiB.
+# saturate the reference disk.
 READ_BYTES = 4 << 20
 
-_buffers = threading.local()  # one per pool thread, freed with the thread
+# The bytes read are never looked at (the tensors come from the mapping), so every thread
+# reads into this one buffer: one 4 MiB allocation per process, faulted in once, instead of
+# a fresh buffer per thread per load (which cost small cold loads 16k page faults).
+_sink: memoryview | None = None
+_sink_lock = threading.Lock()
 
 
 def _buffer() -> memoryview:
-    buf = getattr(_buffers, "buf", None)
-    if buf is None:
-        buf = _buffers.buf = memoryview(bytearray(READ_BYTES))
-    return buf
+    global _sink
+    if _sink is None:
+        with _sink_lock:
+            if _sink is None:
+                _sink = memoryview(bytearray(READ_BYTES))
+    return _sink
 
 
 class FileFill:
