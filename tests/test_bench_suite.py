@@ -63,9 +63,9 @@ def _write(root, version, name, data):
 def test_render_reads_every_result_and_says_what_was_skipped(tmp_path):
     root = str(tmp_path)
     _write(root, "5.23.0", "S1-1b.json", _result("S1", "1b", 0.30, 0.25,
-                                                  ceilings={"mmap_warm_gbps": 11.0, "cold_read_gbps": 2.2}))
+                                                  ceilings={"memcpy_gbps": 11.0, "cold_read_gbps": 2.2}))
     _write(root, "5.23.0", "S2-1b.json", _result("S2", "1b", 2.0, 1.25, cold=True,
-                                                  ceilings={"mmap_warm_gbps": 11.0, "cold_read_gbps": 2.2}))
+                                                  ceilings={"memcpy_gbps": 11.0, "cold_read_gbps": 2.2}))
     _write(root, "5.23.0", "S6-1b.json", {"skipped": "needs a CUDA GPU; none on this machine", "scenario": "S6",
                                            "size": "1b"})
     _write(root, "4.57.6", "D4-1b.json", _result("D4", "1b", 2.7, 1.8, identical=False,
@@ -83,7 +83,7 @@ def test_render_reads_every_result_and_says_what_was_skipped(tmp_path):
 
 def test_ceiling_fraction_needs_all_inputs():
     assert suite.ceiling_fraction(_result("S1", "1b", 1.0, 1.0)) is None
-    warm = _result("S1", "1b", 1.0, 0.5, ceilings={"mmap_warm_gbps": 4.4})
+    warm = _result("S1", "1b", 1.0, 0.5, ceilings={"memcpy_gbps": 4.4})
     assert warm and suite.ceiling_fraction(warm) == pytest.approx(1.0)
 
 
@@ -91,5 +91,6 @@ def test_plot_writes_a_png(tmp_path):
     pytest.importorskip("matplotlib")
     root = str(tmp_path)
     _write(root, "5.23.0", "S1-1b.json", _result("S1", "1b", 0.30, 0.25))
+    _write(root, "5.23.0", "S1-125m.json", dict(_result("S1", "125m", 0.10, 0.09), checkpoint_bytes=2.7e8))
     suite.plot(root, str(tmp_path / "p.png"))
     assert (tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

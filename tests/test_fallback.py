@@ -192,3 +192,35 @@ def test_troubleshooting_lists_every_warning_and_error():
                 if longest and longest not in doc:
                     missing.append(f"{file.relative_to(root)}:{node.lineno}: {longest!r}")
     assert not missing, "add to docs/troubleshooting.md: " + "; ".join(missing)
+
+
+def test_garbage_collector_is_off_during_a_fast_load_and_restored_after(tiny, monkeypatch):
+    import gc
+
+    import fasthug_patch.engine.materialize as materialize
+
+    seen = []
+    real_submit = materialize.Materializer.submit
+
+    def submit(self, *args, **kwargs):
+        seen.append(gc.isenabled())
+        return real_submit(self, *args, **kwargs)
+
+    monkeypatch.setattr(materialize.Materializer, "submit", submit)
+    assert gc.isenabled()
+    _, report = _fast(tiny)
+    assert report.path == "fast" and seen and not any(seen)
+    assert gc.isenabled()
+
+    def broken(self, *args, **kwargs):
+        raise RuntimeError("simulated")
+
+    monkeypatch.setattr(materialize.Materializer, "submit", broken)
+    _, report = _fast(tiny)  # falls back to stock
+    assert report.path == "fallback" and gc.isenabled()
+    gc.disable()
+    try:
+        _fast(tiny)
+        assert not gc.isenabled()  # a caller's own choice is left as it was
+    finally:
+        gc.enable()

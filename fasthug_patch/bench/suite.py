@@ -139,12 +139,12 @@ def load_results(root: str) -> list[dict]:
 
 def ceiling_fraction(result: dict) -> float | None:
     """Time to ready at the ceiling / patched time to ready: cold runs against the parallel
-    disk read ceiling over the checkpoint's bytes, warm same-dtype ones against the warm
-    page-cache (mmap) ceiling."""
+    disk read ceiling over the checkpoint's bytes, warm ones against memory copy bandwidth
+    over the checkpoint's bytes."""
     c = result.get("ceilings") or {}
     patched = ((result.get("stats") or {}).get("patched") or {}).get("ready_s") or {}
     nbytes = result.get("checkpoint_bytes")
-    key = "cold_read_gbps" if result.get("cold") else "mmap_warm_gbps"
+    key = "cold_read_gbps" if result.get("cold") else "memcpy_gbps"
     if not (c.get(key) and patched.get("median") and nbytes):
         return None
     return nbytes / 1e9 / c[key] / patched["median"]
@@ -153,6 +153,13 @@ def ceiling_fraction(result: dict) -> float | None:
 def _cell(stats: dict, mode: str, key: str, scale: float = 1.0) -> str:
     s = (stats.get(mode) or {}).get(key)
     return "–" if not s else f"{s['median'] * scale:.2f} ({s['min'] * scale:.2f}–{s['max'] * scale:.2f})"
+
+
+def _portable(command: str) -> str:
+    """The rerun command as run from a checkout's root (the suite may have run from a copy)."""
+    if command.startswith("PYTHONPATH="):
+        command = "PYTHONPATH=. " + command.split(" ", 1)[1]
+    return command
 
 
 def render(root: str) -> str:
@@ -169,7 +176,7 @@ def render(root: str) -> str:
              "The checkpoints are Llama-architecture models with seeded random weights built locally "
              "(`fasthug_patch.bench.checkpoints`): 125m (~0.2B with its 32k vocabulary), 1b (TinyLlama-1.1B "
              "shape), 3b (Llama-3.2-3B body, sharded in 2 GB files).", "",
-             "![time to ready, stock vs patched](benchmarks.png)", ""]
+             "![time to ready against checkpoint size, stock vs patched](benchmarks.png)", ""]
     by_version: dict[str, list[dict]] = {}
     for r in results:
         by_version.setdefault(r["_version_dir"], []).append(r)
@@ -215,13 +222,14 @@ def render(root: str) -> str:
         if ceil:
             lines += ["Ceilings on the 1b checkpoint, same run: "
                       + runner.format_ceilings(ceil["ceilings"], ceil.get("weight_bytes"), ceil.get("checkpoint_bytes")), ""]
-        cmds = sorted({r["command"] for r in rows if r.get("command")})
+        cmds = sorted({_portable(r["command"]) for r in rows if r.get("command")})
         if cmds:
-            lines += ["<details><summary>Commands to rerun one cell</summary>", ""]
+            lines += ["<details><summary>Commands to rerun one cell (from the repository root; the "
+                      "checkpoints are built under ~/.cache/fasthug_patch by the suite)</summary>", ""]
             lines += [f"    {c}" for c in cmds] + ["", "</details>", ""]
     lines += ["## Reading the numbers", "",
               "- *of ceiling*: the time the machine's ceiling needs for the checkpoint's bytes (cold: the best "
-              "parallel `preadv` read; warm: reading the page cache through a fresh mapping) divided by "
+              "parallel `preadv` read of the files; warm: a memory copy of that many bytes) divided by "
               "patched time to ready, so 100% means the load ran at the ceiling. Time to ready includes "
               "building the model, which the ceiling does not.",
               "- Peak RSS counts mapped checkpoint pages; a zero-copy load holds the checkpoint's bytes, a cast "
@@ -232,31 +240,46 @@ def render(root: str) -> str:
     return "\n".join(lines)
 
 
+PLOTTED = ("S1", "S2", "S3", "S3c", "D4")
+
+
 def plot(root: str, filename: str) -> None:
+    """Time to ready against checkpoint size, stock (dashed) vs patched (solid), one panel
+    per transformers line, one colour per scenario; whiskers are min-max."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    results = [r for r in load_results(root) if not r.get("skipped") and r.get("size") == "1b"]
+    results = [r for r in load_results(root) if not r.get("skipped") and r.get("scenario") in PLOTTED
+               and r.get("size") in SIZES]
     versions = sorted({r["_version_dir"] for r in results}, reverse=True)
     if not versions:
         return
-    fig, axes = plt.subplots(1, len(versions), figsize=(6 * len(versions), 3.8), squeeze=False)
-    order = {s.key: i for i, s in enumerate(SCENARIOS)}
+    fig, axes = plt.subplots(1, len(versions), figsize=(6.5 * len(versions), 4.6), squeeze=False)
+    colours = dict(zip(PLOTTED, ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e")))
     for ax, version in zip(axes[0], versions):
-        rows = sorted((r for r in results if r["_version_dir"] == version), key=lambda r: order.get(r["scenario"], 99))
-        labels = [r["scenario"] for r in rows]
-        xs = range(len(rows))
-        for offset, mode, color in ((-0.2, "stock", "#999999"), (0.2, "patched", "#1f77b4")):
-            med = [((r["stats"].get(mode) or {}).get("ready_s") or {}).get("median", 0) for r in rows]
-            lo = [m - ((r["stats"].get(mode) or {}).get("ready_s") or {}).get("min", m) for m, r in zip(med, rows)]
-            hi = [((r["stats"].get(mode) or {}).get("ready_s") or {}).get("max", m) - m for m, r in zip(med, rows)]
-            ax.bar([x + offset for x in xs], med, 0.4, yerr=[lo, hi], label=mode, color=color, capsize=3)
-        ax.set_xticks(list(xs), labels)
-        ax.set_ylabel("time to ready (s), median, min-max")
-        ax.set_title(f"~1.1B Llama, transformers {version}")
-        ax.legend()
+        for key in PLOTTED:
+            rows = sorted((r for r in results if r["_version_dir"] == version and r["scenario"] == key),
+                          key=lambda r: r.get("checkpoint_bytes") or 0)
+            if not rows:
+                continue
+            xs = [(r.get("checkpoint_bytes") or 0) / 1e9 for r in rows]
+            for mode, style in (("stock", "--"), ("patched", "-")):
+                cells = [((r["stats"].get(mode) or {}).get("ready_s") or {}) for r in rows]
+                if not all(c.get("median") for c in cells):
+                    continue
+                med = [c["median"] for c in cells]
+                err = [[m - c["min"] for m, c in zip(med, cells)], [c["max"] - m for m, c in zip(med, cells)]]
+                ax.errorbar(xs, med, yerr=err, fmt="o" + style, color=colours[key], capsize=3,
+                            label=f"{key} {mode}", alpha=1.0 if mode == "patched" else 0.6)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("checkpoint size (GB)")
+        ax.set_ylabel("time to ready (s): median, min-max")
+        ax.set_title(f"transformers {version}: stock (dashed) vs patched (solid)")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     fig.savefig(filename, dpi=110)
     plt.close(fig)

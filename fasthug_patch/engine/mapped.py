@@ -96,6 +96,10 @@ class MappedFile:
         if end > first:
             _libc.madvise(self.base + first, end - first, MADV_DONTNEED)
 
+    def check_size(self, ref: TensorRef) -> None:
+        """Raise CheckpointError if ``ref``'s bytes are no longer all inside the file."""
+        self._check_inside(ref)
+
     def _check_inside(self, ref: TensorRef) -> None:
         current = os.stat(self.path).st_size if os.path.exists(self.path) else -1
         if ref.offset + ref.nbytes > min(self.size, current):

@@ -216,13 +216,18 @@ class Materializer:
         assembly = _Assembly(future, dst, len(spans), label)
         if mapped is not None and ref.file not in self._lazy:
             # Released pages must not belong to a tensor also handed out zero-copy.
-            release = mapped if (ref.file, ref.offset) not in self._viewed else None
-            # Bytes not known to be read are faulted in by MADV_POPULATE_READ before the cast,
-            # so a file truncated under the mapping is an exception naming it, not a SIGBUS
-            # in copy_ (costs about 0.1 s of CPU per 4 GB).
-            guard = mapped
+            release = (ref.file, ref.offset) not in self._viewed
+            # A file truncated under the mapping must be an exception naming it, not a SIGBUS
+            # in copy_. A cold file's chunk is faulted in by MADV_POPULATE_READ first (an
+            # EFAULT, and the read happens there anyway); a cached file's chunk only has its
+            # file size checked: populating, copying and unmapping every page of a cached
+            # file measured 2-4x slower than copying it (0.54-0.85 s against 0.18-0.2 s for a
+            # 0.54 GB fp32 -> bf16 load), and a shrink in the microseconds between the check
+            # and the copy is the same risk stock runs reading its own mapping.
+            populate = ref.file in self._cold
             for start, count in spans:
-                self._run(assembly, _cast_mapped_span, dst_flat, src_flat, start, count, fill, guard, release, ref)
+                self._run(assembly, _cast_mapped_span, dst_flat, src_flat, start, count, mapped, fill, populate,
+                          release, ref)
         else:
             for start, count in spans:
                 self._run(assembly, _copy_span, dst_flat, src_flat, start, count)
@@ -268,15 +273,18 @@ def _populate_span(mapped, fill: FileFill | None, ref: TensorRef, start: int, le
         mapped.populate(ref, start, length)
 
 
-def _cast_mapped_span(dst_flat, src_flat, start: int, count: int, fill, guard, release, ref: TensorRef) -> None:
+def _cast_mapped_span(dst_flat, src_flat, start: int, count: int, mapped, fill, populate: bool, release: bool,
+                      ref: TensorRef) -> None:
     size = src_flat.element_size()
     if fill is not None:
         fill.wait(ref.offset + start * size, count * size)  # raises a failed read's error
-    if guard is not None:
-        guard.populate(ref, start * size, count * size)
+    if populate:
+        mapped.populate(ref, start * size, count * size)
+    else:
+        mapped.check_size(ref)
     dst_flat[start : start + count].copy_(src_flat[start : start + count])
-    if release is not None:
-        release.release(ref, start * size, count * size)
+    if release:
+        mapped.release(ref, start * size, count * size)
 
 
 def _read_unaligned(mapped, ref: TensorRef):
