@@ -94,3 +94,13 @@ def test_plot_writes_a_png(tmp_path):
     _write(root, "5.23.0", "S1-125m.json", dict(_result("S1", "125m", 0.10, 0.09), checkpoint_bytes=2.7e8))
     suite.plot(root, str(tmp_path / "p.png"))
     assert (tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_benchmarks_page_is_what_the_suite_renders_from_the_stored_results():
+    """docs/benchmarks.md holds only numbers the suite measured: rendering bench/results/
+    again must give the page byte for byte."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if not os.path.isdir(os.path.join(root, suite.RESULTS_DIR)):
+        pytest.skip("no stored results in this checkout")
+    with open(os.path.join(root, suite.DOC)) as f:
+        assert f.read() == suite.render(root), "run `python bench/suite.py render` and commit the page"

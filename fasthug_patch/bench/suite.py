@@ -258,13 +258,17 @@ def plot(root: str, filename: str) -> None:
         return
     fig, axes = plt.subplots(1, len(versions), figsize=(6.5 * len(versions), 4.6), squeeze=False)
     colours = dict(zip(PLOTTED, ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e")))
+    from matplotlib.ticker import NullFormatter
+
     for ax, version in zip(axes[0], versions):
+        sizes_seen: set[float] = set()
         for key in PLOTTED:
             rows = sorted((r for r in results if r["_version_dir"] == version and r["scenario"] == key),
                           key=lambda r: r.get("checkpoint_bytes") or 0)
             if not rows:
                 continue
             xs = [(r.get("checkpoint_bytes") or 0) / 1e9 for r in rows]
+            sizes_seen.update(xs)
             for mode, style in (("stock", "--"), ("patched", "-")):
                 cells = [((r["stats"].get(mode) or {}).get("ready_s") or {}) for r in rows]
                 if not all(c.get("median") for c in cells):
@@ -275,6 +279,8 @@ def plot(root: str, filename: str) -> None:
                             label=f"{key} {mode}", alpha=1.0 if mode == "patched" else 0.6)
         ax.set_xscale("log")
         ax.set_yscale("log")
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.set_xticks(sorted(sizes_seen), [f"{x:.2g}" for x in sorted(sizes_seen)])
         ax.set_xlabel("checkpoint size (GB)")
         ax.set_ylabel("time to ready (s): median, min-max")
         ax.set_title(f"transformers {version}: stock (dashed) vs patched (solid)")
