@@ -47,8 +47,7 @@ def env_int(name: str, default: int, minimum: int = 1) -> int:
 def reader_threads() -> int:
     """Threads that read and materialise tensors. Sixteen measured best on the 2-core
     reference machine with a network disk (cold reads need the queue depth; warm loads
-    lost nothing to the extra threads): 2.2 GB cold in 1.2-1.4 s against 1.6-1.9 s
-    with four. See docs/benchmarks.md."""
+    lost nothing to the extra threads). See bench/io_strategies.py and docs/design.md."""
     return env_int(THREADS_VAR, 16)
 
 

@@ -104,3 +104,23 @@ def test_benchmarks_page_is_what_the_suite_renders_from_the_stored_results():
         pytest.skip("no stored results in this checkout")
     with open(os.path.join(root, suite.DOC)) as f:
         assert f.read() == suite.render(root), "run `python bench/suite.py render` and commit the page"
+
+
+@pytest.mark.parametrize("kind", ["cold", "cast"])
+def test_io_strategy_microbenchmarks_run(tmp_path, kind):
+    """bench/io_strategies.py, whose numbers docs/design.md quotes, still runs."""
+    import subprocess
+    import sys
+
+    import torch
+    from safetensors.torch import save_file
+
+    path = str(tmp_path / "w.safetensors")
+    save_file({"w": torch.randn(1 << 20)}, path)  # 4 MiB of fp32
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", "io_strategies.py")
+    out = subprocess.run([sys.executable, script, kind, path, "--threads", "2", "--rounds", "1"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    strategies = [line.split()[0] for line in out.stdout.splitlines()[1:]]
+    assert strategies == list(("populate", "fill_populate", "preadv_fresh", "odirect_fresh") if kind == "cold"
+                              else ("mapped", "mapped_release", "prefault_release"))
