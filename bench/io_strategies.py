@@ -25,16 +25,14 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from fasthug_patch.bench.runner import evict as _evict  # noqa: E402
+
 CHUNK = 16 << 20
 COLD = ("populate", "fill_populate", "preadv_fresh", "odirect_fresh")
 CAST = ("mapped", "mapped_release", "prefault_release")
 MADV_DONTNEED, MADV_POPULATE_READ = 4, 22
-
-
-def _evict(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    os.close(fd)
 
 
 def _warm(path: str) -> None:

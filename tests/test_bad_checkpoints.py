@@ -32,7 +32,6 @@ from tests.tiny import (
     json_lines,
     read_safetensors_raw,
     run_python,
-    save_tiny_llama,
     write_safetensors_raw,
 )
 
@@ -40,27 +39,8 @@ AUTO = "AutoModelForCausalLM"
 SHARD1, SHARD2, SHARD3 = (f"model-0000{i}-of-00003.safetensors" for i in (1, 2, 3))
 
 
-@pytest.fixture(scope="module")
-def good(tmp_path_factory):
-    """The good checkpoints every broken one starts from (bf16, ~60 KB)."""
-    root = tmp_path_factory.mktemp("good")
-    made = {
-        "single": save_tiny_llama(str(root / "single")),
-        "sharded": save_tiny_llama(str(root / "sharded"), max_shard_size="20KB"),
-        "bin": save_tiny_llama(str(root / "bin"), bin_format=True),
-    }
-    assert sorted(f for f in os.listdir(made["sharded"]) if f.endswith(".safetensors")) == [SHARD1, SHARD2, SHARD3]
-    return made
-
-
-@pytest.fixture()
-def derive(good, tmp_path):
-    """derive(kind, name) -> a fresh copy of a good checkpoint to break."""
-
-    def make(kind: str, name: str) -> str:
-        return copy_checkpoint(good[kind], str(tmp_path / name))
-
-    return make
+def test_the_sharded_layout_has_the_shards_these_cases_name(good):
+    assert sorted(f for f in os.listdir(good["sharded"]) if f.endswith(".safetensors")) == [SHARD1, SHARD2, SHARD3]
 
 
 def _kwargs(dtype):

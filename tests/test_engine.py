@@ -11,6 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from fasthug_patch.bench.runner import evict as _evict
 from fasthug_patch.engine import Materializer, residency
 from fasthug_patch.engine.mapped import MappedFile
 from fasthug_patch.errors import CheckpointError
@@ -151,15 +152,6 @@ def test_no_leaked_threads_or_descriptors(checkpoint):
     engine.close()
     assert len(os.listdir("/proc/self/fd")) == fds_before  # the map keeps no descriptor open
     assert not [t for t in threading.enumerate() if t.name.startswith("fasthug-reader")]
-
-
-def _evict(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fdatasync(fd)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
 
 
 def test_reading_is_chosen_per_file_from_its_residency(tmp_path, monkeypatch):

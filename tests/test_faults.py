@@ -25,10 +25,8 @@ from tests.parity import assert_same_model, load_model
 from tests.tiny import (
     DTYPE_KWARG,
     assert_exited_normally,
-    copy_checkpoint,
     json_lines,
     run_python,
-    save_tiny_llama,
 )
 
 AUTO = "AutoModelForCausalLM"
@@ -36,23 +34,6 @@ SHARD2 = "model-00002-of-00003.safetensors"
 # Zero-copy views of the mapping need the checkpoint's own dtype,
 # which 4.57 only keeps when asked; a float32 load of the bf16 checkpoint casts every tensor.
 PATHS = {"mapped": {DTYPE_KWARG: torch.bfloat16}, "cast": {DTYPE_KWARG: torch.float32}}
-
-
-@pytest.fixture(scope="module")
-def good(tmp_path_factory):
-    root = tmp_path_factory.mktemp("faults")
-    return {
-        "single": save_tiny_llama(str(root / "single")),
-        "sharded": save_tiny_llama(str(root / "sharded"), max_shard_size="20KB"),
-    }
-
-
-@pytest.fixture()
-def derive(good, tmp_path):
-    def make(kind: str, name: str) -> str:
-        return copy_checkpoint(good[kind], str(tmp_path / name))
-
-    return make
 
 
 # --------------------------------------------------------------------------- truncation, in a child

@@ -26,29 +26,10 @@ from tests.tiny import (
     edit_index,
     json_lines,
     run_python,
-    save_tiny_llama,
 )
 
 AUTO = "AutoModelForCausalLM"
 SHARD1, SHARD2 = "model-00001-of-00003.safetensors", "model-00002-of-00003.safetensors"
-
-
-@pytest.fixture(scope="module")
-def good(tmp_path_factory):
-    root = tmp_path_factory.mktemp("security")
-    return {
-        "single": save_tiny_llama(str(root / "single")),
-        "sharded": save_tiny_llama(str(root / "sharded"), max_shard_size="20KB"),
-        "bin-sharded": save_tiny_llama(str(root / "bin-sharded"), max_shard_size="20KB", bin_format=True),
-    }
-
-
-@pytest.fixture()
-def derive(good, tmp_path):
-    def make(kind: str, name: str) -> str:
-        return copy_checkpoint(good[kind], str(tmp_path / name))
-
-    return make
 
 
 # --------------------------------------------------------------------------- pickles

@@ -29,6 +29,15 @@ def tiny_llama_config(**overrides):
     return transformers.LlamaConfig(**params)
 
 
+# Layouts of the shared good checkpoints (conftest.py's ``good``): kind -> save_tiny_llama kwargs.
+TINY_LAYOUTS = {
+    "single": {},
+    "sharded": {"max_shard_size": "20KB"},  # three safetensors shards
+    "bin": {"bin_format": True},
+    "bin-sharded": {"max_shard_size": "20KB", "bin_format": True},
+}
+
+
 def save_tiny_llama(path: str, dtype=torch.bfloat16, seed: int = 0, bin_format: bool = False, **save_kwargs) -> str:
     """A ~60 KB Llama checkpoint; ``max_shard_size="20KB"`` gives 3 shards, ``bin_format``
     pytorch_model*.bin files (torch.save, as 4.x writes them) instead of safetensors."""

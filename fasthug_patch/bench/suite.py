@@ -116,7 +116,6 @@ def run(pythons, sizes, scenario_keys, n: int, warmup: int, root: str) -> None:
                     ceilings_done[path] = runner.run_ceilings(path, python=python)
                 result["ceilings"] = ceilings_done[path]
                 result.update(scenario=scenario.key, size=size, title=scenario.title)
-                result["trials"] = [{k: v for k, v in t.items() if k != "summary"} for t in result["trials"]]
                 _save(out, result)
                 print(runner.format_table(result), flush=True)
 

@@ -51,7 +51,6 @@ class FileFill:
         self._pending = len(self.spans)
         self._skipped: set[int] = set()
         self.stopped = False
-        self.bytes_read = 0
 
     def stop(self) -> None:
         """Read no further chunks (those already read or in flight complete). A cast load
@@ -77,7 +76,6 @@ class FileFill:
                     raise CheckpointError(self.path, None, f"file ended at byte {start + got}, expected {self.size} "
                                                            "bytes (truncated while loading?)")
                 got += n
-            self.bytes_read += got
         except OSError as exc:
             self._errors[index] = CheckpointError(self.path, None, f"read failed at byte {start}: {exc.strerror or exc}")
         except BaseException as exc:  # noqa: BLE001 - handed to whoever waits on the chunk

@@ -51,7 +51,7 @@ class MappedFile:
         """The bytes of ``ref`` as a uint8 tensor over the mapping (own storage slice)."""
         import torch
 
-        self._check_inside(ref)
+        self.check_size(ref)
         piece = self.storage[ref.offset : ref.offset + ref.nbytes]
         return torch.empty(0, dtype=torch.uint8).set_(piece, 0, (ref.nbytes,), (1,))
 
@@ -98,9 +98,6 @@ class MappedFile:
 
     def check_size(self, ref: TensorRef) -> None:
         """Raise CheckpointError if ``ref``'s bytes are no longer all inside the file."""
-        self._check_inside(ref)
-
-    def _check_inside(self, ref: TensorRef) -> None:
         current = os.stat(self.path).st_size if os.path.exists(self.path) else -1
         if ref.offset + ref.nbytes > min(self.size, current):
             raise CheckpointError(self.path, ref.name, "tensor lies past the end of the file (truncated?)")

@@ -109,12 +109,13 @@ class Materializer:
 
     def _choose(self, name: str, size: int) -> None:
         cached = residency.resident_fraction(name) if self.io_mode == "auto" else None
-        read = self.io_mode == "read" or (cached is not None and cached < CACHED_ENOUGH and size >= FILL_MIN_BYTES)
-        why = f"{cached:.0%} cached" if cached is not None else f"FASTHUG_IO={self.io_mode}"
-        if cached is None or cached < CACHED_ENOUGH:
+        cold = cached is None or cached < CACHED_ENOUGH  # unknown (forced mode) counts as cold
+        if cold:
             self._cold.add(name)
+        small = self.io_mode == "auto" and cold and size < FILL_MIN_BYTES
+        read = self.io_mode == "read" or (self.io_mode == "auto" and cold and not small)
+        why = f"{cached:.0%} cached" if cached is not None else f"FASTHUG_IO={self.io_mode}"
         if not read or size == 0:
-            small = cached is not None and cached < CACHED_ENOUGH
             self.io[name] = f"mmap ({why}{', small: read on first use' if small else ''})"
             # Unless told, prefault only a cold file that is not filled: there, parallel
             # prefaulting is what reads it.
