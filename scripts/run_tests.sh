@@ -1,21 +1,24 @@
 #!/usr/bin/env bash
 # The test command (README.md and .ci/run call this).
-# One virtual environment per transformers line, each on torch 2.13.0 (CPU build), with the
-# package installed for real (so its .pth startup hook is in site-packages), then pytest.
-#   FASTHUG_TEST_LINES="5.23.0"  bash scripts/run_tests.sh     # a single line
-#   bash scripts/run_tests.sh -k sweep                          # extra args go to pytest
+# Environments come from scripts/matrix.py (.matrix/: torch 2.13.0 CPU once in a shared base,
+# one small venv per transformers release with the package installed for real, so its .pth
+# startup hook is in site-packages):
+#   - the whole suite on the newest 5.x and on 4.57;
+#   - the architecture sweep and the activation tests on the oldest supported line and a
+#     middle one (the rest of the compatibility matrix: python scripts/matrix.py run).
+#   FASTHUG_TEST_LINES="5.23.0" FASTHUG_SUBSET_LINES="" bash scripts/run_tests.sh   # one line
+#   bash scripts/run_tests.sh -k sweep                     # extra args go to every pytest
 set -euo pipefail
 cd "$(dirname "$0")/.."
-lines="${FASTHUG_TEST_LINES:-5.23.0 4.57.6}"
 python="${PYTHON:-python3}"
+full="${FASTHUG_TEST_LINES:-5.23.0 4.57.6}"
+subset="${FASTHUG_SUBSET_LINES-4.43.4 4.50.3}"
+results=".matrix/results"
 failed=0
-for version in $lines; do
-    venv=".venv-tf${version}"
-    [ -x "$venv/bin/python" ] || "$python" -m venv "$venv"
-    pip=("$venv/bin/python" -m pip install -q --disable-pip-version-check)
-    "${pip[@]}" torch==2.13.0          # first, so nothing pulls a CUDA build
-    "${pip[@]}" "transformers==${version}" ".[test]"
-    echo "=== transformers ${version}: $("$venv/bin/python" -c 'import torch, transformers; print("torch", torch.__version__, "transformers", transformers.__version__)')"
-    "$venv/bin/python" -m pytest -q -p no:cacheprovider "$@" || failed=1
-done
+# shellcheck disable=SC2086
+"$python" scripts/matrix.py run --all-tests --results "$results" --pytest "$*" $full || failed=1
+if [ -n "$subset" ]; then
+    # shellcheck disable=SC2086
+    "$python" scripts/matrix.py run --results "$results" --pytest "$*" $subset || failed=1
+fi
 exit "$failed"

@@ -68,11 +68,24 @@ class Arch:
         return zlib.crc32(self.name.encode()) & 0x7FFFFFFF
 
     def supported(self) -> bool:
+        """Buildable on the installed transformers: inside the version gates, and its config
+        class exists there (older lines lack newer architectures)."""
+        config_class = getattr(self.make_config, "config_class", None)
+        if config_class and not hasattr(transformers, config_class):
+            return False
         if self.min_version and TRANSFORMERS_VERSION < version.parse(self.min_version):
             return False
         if self.max_version and TRANSFORMERS_VERSION >= version.parse(self.max_version):
             return False
         return True
+
+    @property
+    def family(self) -> str:
+        """One word for docs/compatibility.md's matrix: the first of these tags it has."""
+        for tag in ("moe", "seq2seq", "audio", "vision", "encoder", "causal"):
+            if tag in self.tags:
+                return tag
+        return "other"
 
     def __repr__(self) -> str:  # short test ids / assertion messages
         return f"Arch({self.name})"
@@ -85,6 +98,7 @@ def _cfg(class_name: str, **kwargs):
         return getattr(transformers, class_name)(**kwargs)
 
     make.__qualname__ = f"{class_name}(...)"
+    make.config_class = class_name
     return make
 
 

@@ -234,6 +234,34 @@ def load_pair(auto_class, path, **kwargs) -> LoadedPair:
     return LoadedPair(stock, stock_info, fast, fast_info, report)
 
 
+def adopt_values_stock_leaves_undefined(pair: LoadedPair, auto_class, path, **kwargs) -> list[str]:
+    """Missing keys that stock itself does not reproduce, given stock's bytes on the fast side.
+
+    Some lines leave a missing tensor uninitialised (``torch.empty``: RWKV's
+    ``feed_forward.value.weight`` on 4.43-4.45), so two stock loads of the same checkpoint
+    differ there and "same as stock" has no meaning for those bytes. A second stock load
+    finds them: only missing keys whose bytes differ between the two stock loads are
+    adopted (after checking the fast tensor has the same dtype and shape), and every other
+    tensor, buffer and output is still compared. Returns the adopted names."""
+    import fasthug_patch
+
+    missing = (pair.stock_info or {}).get("missing_keys") or []
+    if not missing:
+        return []
+    with fasthug_patch.disabled():
+        again, _ = load_model(auto_class, path, **kwargs)
+    stock, second, fast = pair.stock.state_dict(), again.state_dict(), pair.fast.state_dict()
+    adopted = []
+    for name in missing:
+        if name not in stock or name not in second or tensors_bitwise_equal(stock[name], second[name]):
+            continue
+        assert name in fast and fast[name].dtype == stock[name].dtype and fast[name].shape == stock[name].shape, name
+        with torch.no_grad():
+            fast[name].copy_(stock[name])
+        adopted.append(name)
+    return adopted
+
+
 @dataclass
 class FailedPair:
     stock_error: BaseException | None

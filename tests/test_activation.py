@@ -117,9 +117,11 @@ def test_disable_restores_exact_originals(tiny):
     out = _json_tail(run_python("""
         import json, sys
         import transformers.modeling_utils as mu
+        import gc
         names = [n for n in ("_load_state_dict_into_meta_model", "convert_and_load_state_dict_in_model",
-                             "_get_resolved_checkpoint_files") if hasattr(mu, n)]
+                             "_get_resolved_checkpoint_files", "load_state_dict") if hasattr(mu, n)]
         before = {n: getattr(mu, n) for n in names}
+        before_gc = gc.collect
         before_fp = mu.PreTrainedModel.__dict__["from_pretrained"]
         core = sys.modules.get("transformers.core_model_loading")
         before_spawn = getattr(core, "spawn_materialize", None)
@@ -128,7 +130,7 @@ def test_disable_restores_exact_originals(tiny):
         fasthug_patch.disable()
         restored = all(getattr(mu, n) is before[n] for n in names)
         restored_fp = mu.PreTrainedModel.__dict__["from_pretrained"] is before_fp
-        restored_spawn = getattr(core, "spawn_materialize", None) is before_spawn
+        restored_spawn = getattr(core, "spawn_materialize", None) is before_spawn and gc.collect is before_gc
         with fasthug_patch.enabled():
             scoped = mu.PreTrainedModel.__dict__["from_pretrained"] is not before_fp
         after_scope = mu.PreTrainedModel.__dict__["from_pretrained"] is before_fp

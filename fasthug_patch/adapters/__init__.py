@@ -29,6 +29,8 @@ def adapter_for(transformers_module, modeling_utils) -> Adapter:
         from fasthug_patch.adapters.v5 import V5Adapter as chosen
     elif line == "v4":
         from fasthug_patch.adapters.v4 import V4Adapter as chosen
+    elif line == "v4_legacy":
+        from fasthug_patch.adapters.v4_legacy import V4LegacyAdapter as chosen
     else:
         chosen = NoAdapter
     return chosen(transformers_module, modeling_utils)

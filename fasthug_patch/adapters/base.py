@@ -109,7 +109,6 @@ class Adapter:
             transformers_version=self.version,
             model_class=getattr(cls, "__name__", str(cls)),
             model_module=getattr(cls, "__module__", "") or "",
-            supports_param_buffer_assignment=getattr(cls, "_supports_param_buffer_assignment", None),
             device_kinds=capabilities.device_kinds(kwargs.get("device_map")),
             quantization=_quant_method(quant) or _quant_method(config_quant),
             tensor_parallel=any(kwargs.get(k) is not None for k in ("tp_plan", "tp_size", "device_mesh"))

@@ -1,7 +1,8 @@
-"""transformers 4.57: the only module that knows 4.x's private loading names.
+"""transformers 4.50-4.57: the only module that knows these lines' private loading names.
 
-4.57 flow: from_pretrained -> _load_pretrained_model -> load_shard_file per shard, which
-builds a state dict (meta tensors for safetensors, torch.load'ed tensors for .bin) and
+4.57 flow (4.51-4.56 alike, with extra arguments; 4.50 the same when low_cpu_mem_usage
+or a device map is given, else the 4.49 path, answered as in v4_legacy):
+from_pretrained -> _load_pretrained_model -> load_shard_file per shard, which builds a state dict (meta tensors for safetensors, torch.load'ed tensors for .bin) and
 calls _load_state_dict_into_meta_model. That function, per tensor: reads the slice, asks
 _infer_parameter_dtype for the target dtype, casts, makes it contiguous, moves it to its
 device and assigns it with _load_parameter_into_model.
@@ -14,34 +15,37 @@ first. Anything else calls the stock function unchanged.
 
 from __future__ import annotations
 
+import functools
+import inspect
+
 from fasthug_patch import capabilities, loadcall
-from fasthug_patch.adapters.base import Adapter, PatchTarget, env_true
+from fasthug_patch.adapters.base import PatchTarget
 from fasthug_patch.adapters.sources import check_bin_tensors
-from fasthug_patch.capabilities import Facts
+from fasthug_patch.adapters.v4_legacy import V4LegacyAdapter
+from fasthug_patch.capabilities import Facts, version_tuple
 from fasthug_patch.entry import make_from_pretrained_wrapper
 from fasthug_patch.errors import FastPathError
 
 
-class V4Adapter(Adapter):
+class V4Adapter(V4LegacyAdapter):
     name = "v4"
-    dtype_kwarg = "torch_dtype"
 
     def patch_targets(self) -> list[PatchTarget]:
         mu = self.modeling_utils
-        return [
+        targets = [
             PatchTarget(mu.PreTrainedModel, "from_pretrained", make_from_pretrained_wrapper(self)),
             PatchTarget(mu, "_get_resolved_checkpoint_files", self._resolved_files),
             PatchTarget(mu, "_load_state_dict_into_meta_model", self._load_into_meta_model),
         ]
-
-    def _parallel_shard_env(self) -> bool:
-        return env_true("HF_ENABLE_PARALLEL_LOADING")
+        if version_tuple(self.version) < (4, 51):  # 4.50's default path still reads whole state dicts
+            targets.append(PatchTarget(mu, "load_state_dict", self._load_state_dict))
+        return targets
 
     def _load_into_meta_model(self, wrapped, instance, args, kwargs):
         call = loadcall.current()
         if call is None:
             return wrapped(*args, **kwargs)
-        shard = _bind(*args, **kwargs)
+        shard = _bind(wrapped, args, kwargs)
         plan = self.admit(call, lambda: self._load_facts(shard), lambda: self._plan(call, shard))
         if plan is None:
             return wrapped(*args, **kwargs)
@@ -51,6 +55,8 @@ class V4Adapter(Adapter):
             self._load_shard(call, shard, plan)
         call.index.check_unchanged([shard["shard_file"]])  # replaced after its header was read: redo stock
         call.fast_loads += 1
+        if "cpu_offload_index" in shard:  # 4.50-4.56 return both offload indexes
+            return shard["disk_offload_index"], shard["cpu_offload_index"]
         return shard["disk_offload_index"]
 
     # -- helpers ----------------------------------------------------------------
@@ -69,6 +75,12 @@ class V4Adapter(Adapter):
     def _plan(self, call, shard) -> list[tuple[str, object]]:
         """(parameter name, source) per tensor, checked against what stock would read."""
         state_dict = shard["state_dict"]
+        if shard.get("cpu_offload_index") is not None:
+            raise FastPathError("offload_state_dict stages weights through a temporary folder; stock does that")
+        expected = shard.get("expected_keys")  # 4.50-4.56 load only the keys the model expects
+        if expected is not None:
+            expected = set(expected)
+            state_dict = {k: v for k, v in state_dict.items() if k in expected}
         if not shard["shard_file"].endswith(".safetensors"):
             check_bin_tensors(state_dict)
             return list(state_dict.items())
@@ -89,39 +101,33 @@ class V4Adapter(Adapter):
         model, state_dict = shard["model"], shard["state_dict"]
         engine = call.materializer
         pending = []
+        keep_fp32 = shard.get("keep_in_fp32_regex", shard.get("keep_in_fp32_modules"))
         for name, source in plan:
-            _, dtype = mu._infer_parameter_dtype(
-                model, name, state_dict[name], shard["keep_in_fp32_regex"], shard["hf_quantizer"]
-            )
+            _, dtype = mu._infer_parameter_dtype(model, name, state_dict[name], keep_fp32, shard["hf_quantizer"])
             pending.append((name, engine.submit(source, dtype, "cpu")))
-        is_bin = not shard["shard_file"].endswith(".safetensors")
+        drop_bin = not shard["shard_file"].endswith(".safetensors") and "expected_keys" not in shard
         for name, future in pending:
-            mu._load_parameter_into_model(model, name, future.result())
-            if is_bin:  # as stock: drop the loaded entry so its memory can go
+            self._assign(model, name, future.result())
+            if drop_bin:  # as 4.57's stock: drop the loaded entry so its memory can go
                 del state_dict[name]
 
+    def _assign(self, model, name: str, tensor) -> None:
+        mu = self.modeling_utils
+        if hasattr(mu, "_load_parameter_into_model"):  # 4.51+
+            mu._load_parameter_into_model(model, name, tensor)
+            return
+        module, param_type = mu.get_module_from_name(model, name)  # 4.50's inline form
+        module.load_state_dict({param_type: tensor}, strict=False, assign=True)
 
-def _bind(
-    model,
-    state_dict,
-    shard_file,
-    reverse_renaming_mapping,
-    device_map=None,
-    disk_offload_folder=None,
-    disk_offload_index=None,
-    hf_quantizer=None,
-    keep_in_fp32_regex=None,
-    device_mesh=None,
-):
-    return dict(
-        model=model,
-        state_dict=state_dict,
-        shard_file=shard_file,
-        reverse_renaming_mapping=reverse_renaming_mapping,
-        device_map=device_map,
-        disk_offload_folder=disk_offload_folder,
-        disk_offload_index=disk_offload_index,
-        hf_quantizer=hf_quantizer,
-        keep_in_fp32_regex=keep_in_fp32_regex,
-        device_mesh=device_mesh,
-    )
+
+def _bind(wrapped, args, kwargs) -> dict:
+    """The shard call's arguments by name, defaults filled in, whatever this line's
+    signature (4.50-4.56 pass expected_keys, cpu offload and is_safetensors as well)."""
+    bound = _signature(wrapped).bind(*args, **kwargs)
+    bound.apply_defaults()
+    return dict(bound.arguments)
+
+
+@functools.lru_cache(maxsize=4)
+def _signature(function) -> inspect.Signature:
+    return inspect.signature(function)

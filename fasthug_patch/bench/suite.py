@@ -17,6 +17,7 @@ import glob
 import json
 import os
 import subprocess
+import re
 import sys
 import time
 from dataclasses import dataclass
@@ -42,7 +43,7 @@ SCENARIOS = (
     Scenario("S2", "cold page cache, same dtype (bf16 checkpoint, dtype=bf16)", "bf16", cold=True, dtype="bf16"),
     Scenario("S3", "fp32 checkpoint loaded as bf16, warm", "fp32", dtype="bf16"),
     Scenario("S3c", "fp32 checkpoint loaded as bf16, cold", "fp32", cold=True, dtype="bf16"),
-    Scenario("D4", "4.57's default: bf16 checkpoint, no dtype argument (fp32 model), warm", "bf16"),
+    Scenario("D4", "4.x's default: bf16 checkpoint, no dtype argument (fp32 model), warm", "bf16"),
     Scenario("F1", "tied-embedding 1b (the layout fasthug 0.0.6 loads), no dtype argument, warm", "bf16",
              checkpoint_size="1b-tied"),
     Scenario("S4-int8", "bitsandbytes int8 on the fly", "bf16", quant="8bit", device="cuda", needs="cuda"),
@@ -158,7 +159,7 @@ def _portable(command: str) -> str:
     """The rerun command as run from a checkout's root (the suite may have run from a copy)."""
     if command.startswith("PYTHONPATH="):
         command = "PYTHONPATH=. " + command.split(" ", 1)[1]
-    return command
+    return re.sub(r"\S*/(\.matrix/\S+)", r"\1", command)  # scripts/matrix.py's environments
 
 
 def render(root: str) -> str:
