@@ -14,11 +14,15 @@ python="${PYTHON:-python3}"
 full="${FASTHUG_TEST_LINES:-5.23.0 4.57.6}"
 subset="${FASTHUG_SUBSET_LINES-4.43.4 4.50.3}"
 results=".matrix/results"
+extra=""
+[ "$#" -eq 0 ] || extra="$(printf '%q ' "$@")"  # pytest arguments, quoted for matrix.py's shlex
 failed=0
-# shellcheck disable=SC2086
-"$python" scripts/matrix.py run --all-tests --results "$results" --pytest "$*" $full || failed=1
-if [ -n "$subset" ]; then
+if [ -n "${full// }" ]; then
     # shellcheck disable=SC2086
-    "$python" scripts/matrix.py run --results "$results" --pytest "$*" $subset || failed=1
+    "$python" scripts/matrix.py run --all-tests --results "$results" --pytest="$extra" $full || failed=1
+fi
+if [ -n "${subset// }" ]; then
+    # shellcheck disable=SC2086
+    "$python" scripts/matrix.py run --results "$results" --pytest="$extra" $subset || failed=1
 fi
 exit "$failed"
