@@ -172,7 +172,7 @@ def main(argv=None) -> int:
     parser.add_argument("--all-tests", action="store_true", help="the whole test suite, not just sweep + activation")
     parser.add_argument("--results", type=Path, default=RESULTS_DIR, help="where the records go (default docs/matrix)")
     parser.add_argument("--pytest", default="", help="extra pytest arguments, as one string")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     pytest_args = shlex.split(args.pytest)
     if args.command == "render":
         render()
