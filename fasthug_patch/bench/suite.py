@@ -16,8 +16,8 @@ import argparse
 import glob
 import json
 import os
-import subprocess
 import re
+import subprocess
 import sys
 import time
 from dataclasses import dataclass
