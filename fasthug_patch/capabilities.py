@@ -104,8 +104,24 @@ def _untested(f: Facts) -> bool:
     return version_tuple(f.transformers_version) not in TESTED and not settings.allow_untested_versions()
 
 
-def _devices_other_than_cpu(f: Facts) -> bool:
-    return bool(f.device_kinds - {"cpu", "auto"})
+# Device kinds the fast path places weights on. CUDA targets are streamed through the
+# pinned ring on the lines whose loader hands each tensor's device to us (5.x).
+_STREAMED_LINES = ("v5",)
+
+
+def _devices_not_streamed(f: Facts, also=frozenset()) -> frozenset[str]:
+    handled = {"cpu"} | set(also)
+    if adapter_line(f.transformers_version) in _STREAMED_LINES:
+        handled.add("cuda")
+    return frozenset(f.device_kinds - handled)
+
+
+def _device_reason(f: Facts, also=frozenset()) -> str:
+    kinds = sorted(_devices_not_streamed(f, also))
+    if kinds == ["cuda"]:
+        return (f"device_map places weights on cuda; on transformers {f.transformers_version} the fast path loads "
+                "to CPU only (GPU streaming needs 5.x): load to CPU and call model.cuda(), which streams")
+    return f"device_map places weights on {kinds}; the fast path covers CPU and CUDA targets"
 
 
 RULES: list[Rule] = [
@@ -166,10 +182,9 @@ RULES: list[Rule] = [
         lambda f: "offloading weights to disk runs through the stock loader",
     ),
     Rule(
-        "accelerator-device", "call", "device_map places weights on a non-CPU device",
-        _devices_other_than_cpu,
-        lambda f: f"device_map places weights on {sorted(f.device_kinds - {'cpu', 'auto'})}; "
-        "this release's fast path covers CPU targets only",
+        "accelerator-device", "call", "device_map names a device other than CPU or (on 5.x) CUDA",
+        lambda f: bool(_devices_not_streamed(f, {"auto"})),
+        lambda f: _device_reason(f, {"auto"}),
     ),
     Rule(
         "parallel-shards-env", "call", "HF_ENABLE_PARALLEL_LOADING is set (transformers 4.x)",
@@ -194,9 +209,9 @@ RULES: list[Rule] = [
         lambda f: f"quantization ({f.quantization}) loads through the stock loader",
     ),
     Rule(
-        "load-devices", "load", "the resolved device map is not all CPU",
-        lambda f: bool(f.device_kinds - {"cpu"}),
-        lambda f: f"the resolved device map uses {sorted(f.device_kinds - {'cpu'})}; CPU only in this release",
+        "load-devices", "load", "the resolved device map uses a device other than CPU or (on 5.x) CUDA",
+        lambda f: bool(_devices_not_streamed(f)),
+        lambda f: _device_reason(f),
     ),
     Rule(
         "load-sharded-params", "load", "parameters are DTensors or a device mesh is set",

@@ -16,7 +16,7 @@ import logging
 import threading
 import time
 
-from fasthug_patch import activation, capabilities, loadcall
+from fasthug_patch import activation, capabilities, device_move, loadcall
 from fasthug_patch.report import LOGGER_NAME, LoadReport, publish
 
 logger = logging.getLogger(LOGGER_NAME)
@@ -87,6 +87,8 @@ def _fast(wrapped, args, kwargs, report: LoadReport):
     retry_kwargs = {k: copy.deepcopy(v) for k, v in kwargs.items() if k in _MUTABLE_KWARGS}
     began = time.perf_counter()
     call = loadcall.LoadCall(report)
+    call.device_map = kwargs.get("device_map")
+    call.casting = any(str(kwargs.get(k, "auto")) not in ("auto", "None") for k in ("dtype", "torch_dtype"))
     failed = True
     try:
         with call, _no_gc_pause():
@@ -112,6 +114,7 @@ def _fast(wrapped, args, kwargs, report: LoadReport):
     report.seconds = time.perf_counter() - began
     if call.fast_loads and not call.stock_loads:
         report.path = "fast"
+        device_move.note_fast_loaded(result)
     else:
         report.path = "fallback"
         report.reason = "; ".join(call.stock_loads) or "no weights went through the loader internals"

@@ -30,6 +30,8 @@ class LoadCall:
         self.fast_loads = 0
         self.stock_loads: list[str] = []  # reasons internals went stock
         self._materializer: Materializer | None = None
+        self.device_map = None  # as given to from_pretrained
+        self.casting = False  # a dtype was asked for
 
     @property
     def materializer(self) -> Materializer:
@@ -48,6 +50,12 @@ class LoadCall:
             return
         try:
             self.materializer.prepare(names)
+            if self.device_map is not None and (self.casting or self.materializer.has_cold_files):
+                from fasthug_patch.engine import ring
+
+                # Cold files and casts go through the GPU staging ring: pin it while stock
+                # builds the model (warm same-dtype files are DMA'd from the page cache).
+                ring.warm_async(self.device_map)
         except Exception as exc:  # noqa: BLE001
             self.report.notes.append(f"prefetch skipped: {exc}")
 
@@ -66,6 +74,7 @@ class LoadCall:
         report.bytes += engine.bytes_read
         report.tensors_mapped += engine.tensors_mapped
         report.tensors_cast += engine.tensors_cast
+        report.tensors_to_device += engine.tensors_to_device
         report.threads = engine.threads
         report.io.update(engine.io)
         report.notes.extend(engine.notes)

@@ -23,6 +23,7 @@ class LoadReport:
     seconds: float = 0.0
     tensors_mapped: int = 0
     tensors_cast: int = 0
+    tensors_to_device: int = 0  # streamed through the pinned ring (device_map on a GPU)
     threads: int = 0
     files: list[str] = field(default_factory=list)
     io: dict[str, str] = field(default_factory=dict)  # file -> how it was read, and why
@@ -49,7 +50,8 @@ class LoadReport:
             phases = ", ".join(f"{k} {v:.3f}s" for k, v in self.phases.items())
             head += (
                 f"; {self.bytes / 1e9:.2f} GB in {self.seconds:.3f}s ({self.gb_per_s:.2f} GB/s), "
-                f"{self.tensors_mapped} mapped, {self.tensors_cast} cast, {self.threads} threads; {phases}"
+                f"{self.tensors_mapped} mapped, {self.tensors_cast} cast, {self.tensors_to_device} to device, "
+                f"{self.threads} threads; {phases}"
             )
             reads = sorted(set(self.io.values()))
             if reads:

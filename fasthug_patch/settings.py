@@ -17,6 +17,13 @@ POPULATE_VAR = "FASTHUG_POPULATE"
 ALLOW_UNTESTED_VAR = "FASTHUG_ALLOW_UNTESTED"
 IO_VAR = "FASTHUG_IO"
 MEMORY_VAR = "FASTHUG_MEMORY_AVAILABLE_MB"
+RING_VAR = "FASTHUG_RING"
+PIN_FILES_VAR = "FASTHUG_PIN_FILES"
+STREAM_TO_DEVICE_VAR = "FASTHUG_STREAM_TO_DEVICE"
+
+# Pinned staging ring per device: slots x MiB. Enough slots for every reader thread to
+# have one filling while the copy engine drains the others.
+DEFAULT_RING = (16, 32)
 
 IO_MODES = ("auto", "mmap", "read")
 
@@ -85,3 +92,31 @@ def memory_available_override() -> int | None:
 
 def allow_untested_versions() -> bool:
     return bool(env_flag(ALLOW_UNTESTED_VAR))
+
+
+def ring_shape() -> tuple[int, int]:
+    """FASTHUG_RING="SLOTSxMIB" (e.g. "8x64"): the staging ring's slots and slot size in
+    bytes; malformed or unset gives the default, 16 x 32 MiB."""
+    value = os.environ.get(RING_VAR, "").strip().lower()
+    slots, mib = DEFAULT_RING
+    if "x" in value:
+        left, _, right = value.partition("x")
+        try:
+            slots, mib = max(1, int(left)), max(1, int(right))
+        except ValueError:
+            slots, mib = DEFAULT_RING
+    return slots, mib << 20
+
+
+def stream_model_moves() -> bool:
+    """Whether model.cuda() / model.to("cuda") on a fast-loaded model streams through the
+    ring (default on; FASTHUG_STREAM_TO_DEVICE=0 leaves those calls to torch)."""
+    return env_flag(STREAM_TO_DEVICE_VAR) is not False
+
+
+def pin_cached_files() -> bool:
+    """Whether a page-cached checkpoint file bound for a GPU is pinned in place and DMA'd
+    from (cudaHostRegister) instead of copied through the staging ring. Off unless
+    FASTHUG_PIN_FILES=1: the logic is tested (CPU stand-in, tiny models on an H100), but it
+    has not yet been measured end to end on a large checkpoint (docs/gpu.md)."""
+    return env_flag(PIN_FILES_VAR) is True

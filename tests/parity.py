@@ -500,12 +500,17 @@ def _model_dtype(model) -> torch.dtype:
 
 
 def prepare_inputs(model, inputs: dict) -> dict:
-    """Cast floating inputs (pixels, audio, features) to the model's dtype."""
+    """Cast floating inputs (pixels, audio, features) to the model's dtype, and move them to
+    the device of its first parameter when that is not the CPU (GPU tests)."""
     dtype = _model_dtype(model)
+    first = next(model.parameters(), None)
+    device = first.device if first is not None and first.device.type not in ("cpu", "meta") else None
     out = {}
     for k, v in inputs.items():
         if isinstance(v, torch.Tensor) and v.is_floating_point():
             v = v.to(dtype)
+        if isinstance(v, torch.Tensor) and device is not None:
+            v = v.to(device)
         out[k] = v
     return out
 

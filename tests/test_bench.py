@@ -83,7 +83,7 @@ def test_trial_json_fields(pair, tiny, mode):
     assert t["weight_bytes"] >= 2 * n_params  # bf16 on 5.x (auto), fp32 on 4.x; plus rotary buffers
     assert t["spanned_bytes"] >= t["weight_bytes"]
     assert len(t["load_faults"]) == 2 and len(t["touch_faults"]) == 2 and min(t["touch_faults"]) >= 0
-    assert len(t["digest"]) == 64 and set(t["digest"]) <= HEX
+    assert len(t["digest"]) == {"sha256": 64, "xxh3_128": 32}[t["digest_algorithm"]] and set(t["digest"]) <= HEX
     assert set(t["versions"]) == {"python", "torch", "transformers"}
     assert t["fasthug_enable_env"] is None
     if mode == "stock":

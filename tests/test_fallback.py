@@ -114,7 +114,9 @@ def test_fallback_result_identical_to_stock_for_declined_load(tiny, monkeypatch)
         (Facts(transformers_version=transformers.__version__, tensor_parallel=True), "tensor-parallel"),
         (Facts(transformers_version=transformers.__version__, deepspeed_zero3=True), "deepspeed-zero3"),
         (Facts(transformers_version=transformers.__version__, device_kinds=frozenset({"disk", "cpu"})), "disk-offload"),
-        (Facts(transformers_version=transformers.__version__, device_kinds=frozenset({"cuda"})), "accelerator-device"),
+        (Facts(transformers_version="4.57.6", device_kinds=frozenset({"cuda"})), "accelerator-device"),
+        (Facts(transformers_version="5.23.0", device_kinds=frozenset({"cuda", "cpu"})), None),
+        (Facts(transformers_version="5.23.0", device_kinds=frozenset({"mps"})), "accelerator-device"),
         (Facts(transformers_version=transformers.__version__, state_dict_given=True), "state-dict-given"),
         (Facts(transformers_version=transformers.__version__), None),
     ],
@@ -125,6 +127,12 @@ def test_capability_rules(facts, rule):
     assert decision.fast == (rule is None)
     if rule:
         assert decision.reason  # every fallback says why
+
+
+def test_cuda_reason_points_4x_users_at_model_cuda():
+    reason = capabilities.decide(Facts(transformers_version="4.57.6", device_kinds=frozenset({"cuda"})), "load").reason
+    assert "4.57.6" in reason and "model.cuda()" in reason
+    assert capabilities.decide(Facts(transformers_version="5.23.0", device_kinds=frozenset({"cuda"})), "load").fast
 
 
 def test_untested_version_can_be_opted_in(monkeypatch):
@@ -142,8 +150,10 @@ def test_device_kinds():
 
 def test_explain_without_loading(tiny):
     assert fasthug_patch.explain(tiny).fast
-    explanation = fasthug_patch.explain(tiny, device_map="cuda")
-    assert not explanation.fast and "cuda" in str(explanation)
+    explanation = fasthug_patch.explain(tiny, device_map="mps")
+    assert not explanation.fast and "mps" in str(explanation)
+    on_gpu = fasthug_patch.explain(tiny, device_map="cuda")  # streamed on 5.x, stock on 4.x
+    assert on_gpu.fast == transformers.__version__.startswith("5."), str(on_gpu)
     assert not fasthug_patch.explain(tiny, tp_plan="auto").fast
 
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import wrapt
 
-from fasthug_patch import capabilities, loadcall
+from fasthug_patch import capabilities, device_move, loadcall
 from fasthug_patch.capabilities import Facts
 from fasthug_patch.errors import CheckpointPathError, FastPathError
 
@@ -65,6 +65,13 @@ class Adapter:
 
     def patch_targets(self) -> list[PatchTarget]:
         raise NotImplementedError
+
+    def device_move_targets(self) -> list[PatchTarget]:
+        """model.cuda() / .to("cuda") of a fast-loaded model stream through the ring (every line
+        defines both on PreTrainedModel)."""
+        cls = self.modeling_utils.PreTrainedModel
+        return [PatchTarget(cls, name, wrapper) for name, wrapper in
+                (("cuda", device_move.cuda_wrapper), ("to", device_move.to_wrapper)) if name in cls.__dict__]
 
     def admit(self, call, facts, prepare):
         """The load-stage decision. Returns what ``prepare()`` built for the fast path, or

@@ -36,6 +36,7 @@ class V4Adapter(V4LegacyAdapter):
             PatchTarget(mu.PreTrainedModel, "from_pretrained", make_from_pretrained_wrapper(self)),
             PatchTarget(mu, "_get_resolved_checkpoint_files", self._resolved_files),
             PatchTarget(mu, "_load_state_dict_into_meta_model", self._load_into_meta_model),
+            *self.device_move_targets(),
         ]
         if version_tuple(self.version) < (4, 51):  # 4.50's default path still reads whole state dicts
             targets.append(PatchTarget(mu, "load_state_dict", self._load_state_dict))

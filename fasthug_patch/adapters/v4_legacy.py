@@ -41,6 +41,7 @@ class V4LegacyAdapter(Adapter):
             PatchTarget(mu, "load_state_dict", self._load_state_dict),
             # modeling_utils calls gc.collect() through its own module global "gc"
             PatchTarget(mu.gc, "collect", _skip_collect_during_fast_load),
+            *self.device_move_targets(),
         ]
 
     def _parallel_shard_env(self) -> bool:

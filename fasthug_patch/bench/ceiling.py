@@ -5,7 +5,8 @@
 * warm page-cache read bandwidth through mmap: the checkpoint's files mapped afresh and
   copied out in 16 MiB chunks (1 thread and one per core, best);
 * cold parallel disk read bandwidth: evict the files, then N threads of os.preadv in
-  16 MiB chunks over them, for N in 1, 2, 4, 8, 16 (best).
+  16 MiB chunks over them, for N in 1, 2, 4, 8, 16 (best);
+* on a GPU: host-to-device copy bandwidth from pinned and from pageable memory.
 
 All in GB/s (1e9 bytes per second).
 
@@ -49,6 +50,36 @@ def memcpy_gbps(nbytes: int = 512 << 20, repeats: int = 3) -> dict:
         best_fresh = max(best_fresh, nbytes / (time.perf_counter() - t0) / 1e9)
         del fresh
     return {"memcpy_gbps": best, "fresh_memcpy_gbps": best_fresh, "memcpy_bytes": nbytes}
+
+
+def h2d_gbps(nbytes: int = 1 << 30, repeats: int = 5) -> dict:
+    """Best host-to-device copy bandwidth of ``nbytes`` from pinned and from pageable
+    memory (CUDA only; {} without a GPU)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return {}
+    out = {"h2d_bytes": nbytes, "gpu": torch.cuda.get_device_name(), "cuda": torch.version.cuda}
+    dst = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    for kind in ("pinned", "pageable"):
+        src = torch.ones(nbytes, dtype=torch.uint8, pin_memory=kind == "pinned")
+        best = 0.0
+        for _ in range(repeats):
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            dst.copy_(src, non_blocking=kind == "pinned")
+            torch.cuda.synchronize()
+            best = max(best, nbytes / (time.perf_counter() - t0) / 1e9)
+        out[f"h2d_{kind}_gbps"] = best
+        del src
+    try:
+        import subprocess
+
+        out["driver"] = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                                       capture_output=True, text=True, timeout=20).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return out
 
 
 def _chunks(files, limit: int | None):
@@ -174,6 +205,7 @@ def measure_all(path, threads=THREADS) -> dict:
     began = time.perf_counter()
     out = {"path": os.fspath(path)}
     out.update(memcpy_gbps())
+    out.update(h2d_gbps())
     out.update(cold_read_gbps(path, threads))
     out.update(mmap_warm_gbps(path))  # last: leaves the checkpoint in the page cache
     out["seconds"] = time.perf_counter() - began
@@ -183,7 +215,8 @@ def measure_all(path, threads=THREADS) -> dict:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m fasthug_patch.bench.ceiling", description=__doc__.split("\n\n")[0])
     p.add_argument("--path", required=True)
-    p.add_argument("--threads", default=",".join(map(str, THREADS)), help="cold-read thread counts, e.g. 1,2,4")
+    p.add_argument("--threads", default=os.environ.get("FASTHUG_CEILING_THREADS") or ",".join(map(str, THREADS)),
+                   help="cold-read thread counts, e.g. 1,2,4 (default: $FASTHUG_CEILING_THREADS or 1,2,4,8,16)")
     args = p.parse_args(argv)
     threads = tuple(int(x) for x in args.threads.split(",") if x.strip())
     result = measure_all(args.path, threads)

@@ -384,7 +384,7 @@ def format_table(result: dict) -> str:
                  "(all pages resident); ratio > 1 means patched is faster / smaller")
     ident = "yes" if result.get("identical") else "NO"
     exact = [t for t in result.get("trials", []) if t.get("mode", "stock") in EXACT_MODES]
-    lines.append(f"- weights identical across all {len(exact)} stock and patched trials (sha256 of names, dtypes, "
+    lines.append(f"- weights identical across all {len(exact)} stock and patched trials (one digest of names, dtypes, "
                  f"shapes, bytes; tying): **{ident}**" + ("" if result.get("identical") else
                                                           f" — digests {result.get('digests')}"))
     for mode, same in (result.get("matches_stock") or {}).items():
@@ -421,7 +421,10 @@ def format_ceilings(c: dict, weight_bytes: int | None, file_bytes: int | None = 
     for key, label, nbytes, what in (("memcpy_gbps", "memcpy (prefaulted)", weight_bytes, "weights"),
                                      ("fresh_memcpy_gbps", "memcpy into fresh memory", weight_bytes, "weights"),
                                      ("mmap_warm_gbps", "warm page cache via mmap", file_bytes, "files"),
-                                     ("cold_read_gbps", "cold disk pread", file_bytes, "files")):
+                                     ("cold_read_gbps", "cold disk pread", file_bytes, "files"),
+                                     ("h2d_pinned_gbps", "host-to-device from pinned memory", file_bytes, "files"),
+                                     ("h2d_pageable_gbps", "host-to-device from pageable memory", file_bytes,
+                                      "files")):
         v = c.get(key)
         if v:
             floor = f" ({_seconds(nbytes / 1e9 / v)} for the {what})" if nbytes else ""

@@ -49,9 +49,13 @@ SCENARIOS = (
     Scenario("S4-int8", "bitsandbytes int8 on the fly", "bf16", quant="8bit", device="cuda", needs="cuda"),
     Scenario("S4-nf4", "bitsandbytes nf4 on the fly", "bf16", quant="4bit", device="cuda", needs="cuda"),
     Scenario("S5", "pre-quantised checkpoint", "bf16", device="cuda", needs="cuda"),
-    Scenario("S6", 'device_map="cuda"', "bf16", dtype="bf16", device="cuda", needs="cuda"),
+    Scenario("S6", 'device_map="cuda", warm page cache', "bf16", dtype="bf16", device="cuda", needs="cuda"),
+    Scenario("S6c", 'device_map="cuda", cold page cache', "bf16", cold=True, dtype="bf16", device="cuda",
+             needs="cuda"),
+    Scenario("S6m", "model.to(\"cuda\") after a CPU load, warm", "bf16", dtype="bf16", device="cpu+cuda",
+             needs="cuda"),
 )
-SIZES = ("125m", "1b", "3b")
+SIZES = ("125m", "1b", "3b", "7b")
 RESULTS_DIR = os.path.join("bench", "results")
 DOC = os.path.join("docs", "benchmarks.md")
 PLOT = os.path.join("docs", "benchmarks.png")
@@ -87,9 +91,8 @@ def run(pythons, sizes, scenario_keys, n: int, warmup: int, root: str) -> None:
         info = python_info(python)
         for size in sizes:
             ceilings_done: dict[str, dict] = {}
-            for scenario in SCENARIOS:
-                if scenario_keys and scenario.key not in scenario_keys:
-                    continue
+            by_key = {s.key: s for s in SCENARIOS}
+            for scenario in [by_key[k] for k in scenario_keys if k in by_key] if scenario_keys else SCENARIOS:
                 out = result_path(root, info["transformers"], scenario, size)
                 reason = skip_reason(scenario, info, size)
                 if reason:
@@ -145,6 +148,8 @@ def ceiling_fraction(result: dict) -> float | None:
     patched = ((result.get("stats") or {}).get("patched") or {}).get("ready_s") or {}
     nbytes = result.get("checkpoint_bytes")
     key = "cold_read_gbps" if result.get("cold") else "memcpy_gbps"
+    if "cuda" in str(result.get("device")) and not result.get("cold"):
+        key = "h2d_pinned_gbps"
     if not (c.get(key) and patched.get("median") and nbytes):
         return None
     return nbytes / 1e9 / c[key] / patched["median"]
@@ -171,7 +176,7 @@ def render(root: str) -> str:
              "warm-up round; min–max in brackets. **Time to ready** is `from_pretrained` plus every weight "
              "page resident (one byte read in every 4 KiB page), with the modeling module imported "
              "beforehand. Cold runs evict the checkpoint's pages with `posix_fadvise(POSIX_FADV_DONTNEED)` "
-             "before every trial. *Same model* means every stock and patched trial gave the same sha256 over "
+             "before every trial. *Same model* means every stock and patched trial gave the same digest (sha256, or xxh3-128 where xxhash is installed) over "
              "all weights' names, dtypes, shapes and bytes, and the same tied groups.", "",
              "The checkpoints are Llama-architecture models with seeded random weights built locally "
              "(`fasthug_patch.bench.checkpoints`): 125m (~0.2B with its 32k vocabulary), 1b (TinyLlama-1.1B "
@@ -234,6 +239,8 @@ def render(root: str) -> str:
               "building the model, which the ceiling does not.",
               "- Peak RSS counts mapped checkpoint pages; a zero-copy load holds the checkpoint's bytes, a cast "
               "load should hold only the result's.",
+              "- GPU scenarios (S4–S6) need a CUDA machine; what was measured on a lent H100 so far, by hand-run "
+              "commands, is in [gpu.md](gpu.md).",
               "- fasthug 0.0.6 loads the checkpoint's own dtype whatever transformers' default; in the default "
               "(no dtype) scenario on 4.57 that is bf16 where stock gives fp32, so its model is not stock's.",
               ""]
@@ -297,7 +304,7 @@ def main(argv=None) -> int:
     r = sub.add_parser("run", help="run the scenarios, then render")
     r.add_argument("--python", action="append", help="interpreter of one transformers line (repeatable)")
     r.add_argument("--sizes", default=",".join(SIZES))
-    r.add_argument("--scenarios", default="", help="comma-separated keys (default: all)")
+    r.add_argument("--scenarios", default="", help="comma-separated keys, run in that order (default: all)")
     r.add_argument("-n", type=int, default=3)
     r.add_argument("--warmup", type=int, default=1)
     r.add_argument("--root", default=".")
@@ -307,7 +314,7 @@ def main(argv=None) -> int:
     if args.command == "run":
         began = time.time()
         run(args.python or [sys.executable], [s for s in args.sizes.split(",") if s],
-            {s for s in args.scenarios.split(",") if s}, args.n, args.warmup, args.root)
+            [s for s in args.scenarios.split(",") if s], args.n, args.warmup, args.root)
         print(f"suite: {time.time() - began:.0f}s")
     os.makedirs(os.path.join(args.root, "docs"), exist_ok=True)
     with open(os.path.join(args.root, DOC), "w") as f:

@@ -81,9 +81,22 @@ def tensor_bytes(t):
     return t.view(torch.uint8).numpy()
 
 
+def _hasher():
+    """xxh3-128 where the xxhash package is installed (a 14 GB model hashes in about a
+    second instead of ten), else sha256; trials of one run share an environment, so they
+    compare like with like."""
+    try:
+        import xxhash
+
+        return xxhash.xxh3_128()
+    except ImportError:
+        return hashlib.sha256()
+
+
 def weights_digest(model) -> str:
-    """sha256 over (name, dtype, shape, raw bytes) of every tensor, in sorted name order."""
-    h = hashlib.sha256()
+    """A digest (see _hasher) over (name, dtype, shape, raw bytes) of every tensor, in sorted
+    name order."""
+    h = _hasher()
     for name, t in named_tensors(model):
         h.update(f"{name}\0{str(t.dtype).removeprefix('torch.')}\0{tuple(t.shape)}\0".encode())
         if t.device.type == "meta":
@@ -221,7 +234,10 @@ def run_trial(args) -> dict:
     import transformers.modeling_utils  # noqa: F401
 
     kwargs = dtype_kwargs(args.dtype, transformers.__version__)
-    if args.device != "cpu":
+    # "cpu+cuda": load to the CPU, then model.cuda() (timed as part of the load)
+    move_after = args.device.split("+", 1)[1] if "+" in args.device else None
+    on_gpu = args.device.startswith("cuda") or move_after is not None
+    if args.device != "cpu" and move_after is None:
         kwargs["device_map"] = args.device
     if args.quant:
         from transformers import BitsAndBytesConfig
@@ -243,12 +259,14 @@ def run_trial(args) -> dict:
     pf0 = faults()
     t0 = time.perf_counter()
     model = load(args.path, **kwargs)
-    if args.device.startswith("cuda"):
+    if move_after is not None:
+        model = model.to(move_after)
+    if on_gpu:
         torch.cuda.synchronize()
     t1 = time.perf_counter()
     pf1 = faults()
     spanned = touch_pages(model)
-    if args.device.startswith("cuda"):
+    if on_gpu:
         torch.cuda.synchronize()
     t2 = time.perf_counter()
     pf2 = faults()
@@ -282,6 +300,7 @@ def run_trial(args) -> dict:
             report = {"path": rep.path, "reason": rep.reason, "bytes": rep.bytes,
                       "seconds": rep.seconds, "threads": rep.threads, "phases": dict(rep.phases),
                       "tensors_mapped": rep.tensors_mapped, "tensors_cast": rep.tensors_cast,
+                      "tensors_to_device": rep.tensors_to_device,
                       "summary": rep.summary()}
         else:
             report = {"path": None, "reason": "no report: the load did not go through the patch"}
@@ -305,6 +324,8 @@ def run_trial(args) -> dict:
         "touch_faults": [pf2[0] - pf1[0], pf2[1] - pf1[1]],
         "digest_s": digest_s,
         "peak_rss_bytes": peak,
+        "peak_gpu_bytes": torch.cuda.max_memory_allocated() if on_gpu else None,
+        "gpu": torch.cuda.get_device_name() if on_gpu else None,
         "rss_before_bytes": rss_before,
         "rss_after_bytes": rss_after,
         "weight_bytes": weight_bytes(model),
@@ -312,6 +333,7 @@ def run_trial(args) -> dict:
         "n_tensors": len(named_tensors(model)),
         "dtypes": dtype_counts(model),
         "digest": digest,
+        "digest_algorithm": _hasher().name,
         "tie_digest": ties,
         "fasthug": report,
         "fasthug_imported": "fasthug_patch" in sys.modules,
@@ -327,7 +349,7 @@ def parse_args(argv=None):
     p.add_argument("--mode", choices=("stock", "patched", "fasthug"), required=True)
     p.add_argument("--path", required=True)
     p.add_argument("--dtype", default="default", help="bf16|fp16|fp32|auto|default (default: no dtype kwarg)")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", help="cpu, cuda[:N] (device_map), or cpu+cuda (load, then .to)")
     p.add_argument("--forward", action="store_true", help="also time a first forward pass")
     p.add_argument("--quant", choices=("8bit", "4bit"), default=None, help="bitsandbytes quantization_config")
     return p.parse_args(argv)

@@ -31,9 +31,12 @@ import time
 import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
 
-from fasthug_patch.engine import residency
+from fasthug_patch import settings
+from fasthug_patch.engine import devices, residency
 from fasthug_patch.engine.filler import FileFill
 from fasthug_patch.engine.mapped import MappedFiles
+from fasthug_patch.engine.ring import shared_ring
+from fasthug_patch.engine.to_device import DeviceStreamer
 from fasthug_patch.errors import FastPathError, Unsupported
 from fasthug_patch.plan import TensorRef
 
@@ -47,12 +50,14 @@ FILL_MIN_BYTES = 512 << 20
 
 
 class _Assembly:
-    """Completes ``future`` with ``value`` once all its chunks have run."""
+    """Completes ``future`` with ``value`` once all its chunks have run, or, given
+    ``finish``, calls that instead (device work still has to finish first)."""
 
-    __slots__ = ("future", "value", "remaining", "lock", "label")
+    __slots__ = ("future", "value", "remaining", "lock", "label", "finish")
 
-    def __init__(self, future: Future, value, chunks: int, label: str) -> None:
+    def __init__(self, future: Future, value, chunks: int, label: str, finish=None) -> None:
         self.future, self.value, self.remaining, self.label = future, value, chunks, label
+        self.finish = finish
         self.lock = threading.Lock()
 
     def chunk_done(self, error: BaseException | None) -> None:
@@ -64,7 +69,10 @@ class _Assembly:
                 return
             self.remaining -= 1
             if self.remaining == 0:
-                self.future.set_result(self.value)
+                if self.finish is not None:
+                    self.finish()
+                else:
+                    self.future.set_result(self.value)
 
 
 class Materializer:
@@ -91,6 +99,8 @@ class Materializer:
         self.tensors_mapped = 0
         self.tensors_cast = 0
         self.busy_seconds = 0.0
+        self._streamers: dict[str, DeviceStreamer] = {}
+        self.backend_for = devices.backend_for  # device -> backend (tests swap in a stand-in)
 
     # -- files ----------------------------------------------------------------
     def prepare(self, files) -> None:
@@ -159,7 +169,7 @@ class Materializer:
     def submit(self, source, dtype=None, device="cpu") -> Future:
         """Schedule ``source`` (a TensorRef or a CPU torch.Tensor) as ``dtype`` on ``device``."""
         if str(device) not in ("cpu", "None"):
-            raise Unsupported(f"device {device} is not handled by the CPU materializer")
+            return self._submit_to_device(source, dtype, device)
         if isinstance(source, TensorRef):
             fill = self._fill_of(source.file)
             mapped = self.files.get(source.file)
@@ -177,6 +187,47 @@ class Materializer:
             done.set_result(source[...])  # what stock hands over: a view of the same storage
             return done
         return self._cast(source, None, dtype, None, None)
+
+    def _submit_to_device(self, source, dtype, device) -> Future:
+        streamer = self._streamer(device)
+        with self._stats_lock:
+            self.bytes_read += source.nbytes if isinstance(source, TensorRef) else source.numel() * source.element_size()
+        if isinstance(source, TensorRef):
+            fill = self._fill_of(source.file)
+            if fill is not None:
+                fill.stop()  # the pieces read straight into pinned memory; a page-cache fill would be a second copy
+            warm = source.file not in self._cold and source.file not in self._lazy
+            if warm and settings.pin_cached_files() and (dtype is None or dtype == source.torch_dtype()):
+                direct = streamer.submit_direct(source)
+                if direct is not None:
+                    return direct
+            return streamer.submit_ref(source, dtype, fill)
+        if (dtype is None or dtype == source.dtype) and source.device.type == "cpu" and source.is_contiguous():
+            return streamer.submit_tensor(source)
+        done: Future = Future()
+        done.set_result(source[...].to(device=streamer.backend.device, dtype=dtype))  # as stock does it
+        return done
+
+    def _streamer(self, device) -> DeviceStreamer:
+        key = str(device)
+        with self._prepare_lock:
+            streamer = self._streamers.get(key)
+            if streamer is None:
+                try:
+                    backend = self.backend_for(device)
+                except Exception as exc:  # noqa: BLE001
+                    raise Unsupported(f"device {device}: {exc}") from exc
+                streamer = self._streamers[key] = DeviceStreamer(backend, lambda: shared_ring(backend), self._run,
+                                                                 _Assembly)
+            return streamer
+
+    @property
+    def tensors_to_device(self) -> int:
+        return sum(s.tensors for s in self._streamers.values())
+
+    @property
+    def has_cold_files(self) -> bool:
+        return bool(self._cold)
 
     def _mapped_view(self, mapped, ref: TensorRef, fill: FileFill | None) -> Future:
         future: Future = Future()
@@ -258,6 +309,8 @@ class Materializer:
         if cancel and self._failed is None:
             self._failed = FastPathError("load abandoned")
         self._pool.shutdown(wait=True, cancel_futures=cancel)
+        for streamer in self._streamers.values():
+            streamer.close()
 
 
 def _spans(total: int, step: int) -> list[tuple[int, int]]:

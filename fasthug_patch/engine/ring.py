@@ -1,0 +1,124 @@
+"""A bounded ring of staging slots between the reader threads and one device.
+
+Each slot is a pinned host buffer (the only memory a DMA copy runs at full speed from) and,
+once a cast needs one, a device scratch buffer of the same size. A reader takes a free slot,
+fills it, enqueues the copy (and cast) on the device's side stream and gives the slot back
+with the event recorded after that work; the next taker waits on the event before it
+overwrites the slot. So host memory stays at ``slots x slot_bytes`` however large the
+model, and the device memory used beyond the model's own is at most the same again.
+
+One ring per device per process, allocated on first use and kept: pinning memory costs far
+more than reusing it (cudaHostAlloc maps and locks every page).
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+
+from fasthug_patch import settings
+
+
+class Slot:
+    __slots__ = ("index", "host", "scratch", "event")
+
+    def __init__(self, index: int, host) -> None:
+        self.index = index
+        self.host = host  # uint8, slot_bytes
+        self.scratch = None  # uint8 on the device, made on first cast
+        self.event = None  # recorded after the last device work that read this slot
+
+
+class StagingRing:
+    def __init__(self, backend, slots: int, slot_bytes: int) -> None:
+        if slots < 1 or slot_bytes < 4096:
+            raise ValueError(f"a staging ring needs at least 1 slot of 4 KiB (got {slots} x {slot_bytes})")
+        self.backend = backend
+        self.slot_bytes = slot_bytes - slot_bytes % 64  # every dtype's element size divides it
+        self.slots = slots
+        block = backend.host_buffer(self.slots * self.slot_bytes)  # one pinned allocation
+        self._all = [Slot(i, block[i * self.slot_bytes : (i + 1) * self.slot_bytes]) for i in range(slots)]
+        self._free: queue.SimpleQueue = queue.SimpleQueue()
+        for slot in self._all:
+            self._free.put(slot)
+        self._scratch_lock = threading.Lock()
+
+    @property
+    def host_bytes(self) -> int:
+        return self.slots * self.slot_bytes
+
+    def acquire(self) -> Slot:
+        """A free slot whose earlier device work has finished (blocks until there is one)."""
+        slot = self._free.get()
+        if slot.event is not None:
+            try:
+                slot.event.synchronize()
+            except BaseException:
+                self._free.put(slot)
+                raise
+            slot.event = None
+        return slot
+
+    def release(self, slot: Slot, event=None) -> None:
+        slot.event = event
+        self._free.put(slot)
+
+    def scratch(self, slot: Slot):
+        """The slot's device scratch buffer (allocated on first use)."""
+        if slot.scratch is None:
+            with self._scratch_lock:
+                if slot.scratch is None:
+                    import torch
+
+                    slot.scratch = self.backend.device_empty((self.slot_bytes,), torch.uint8)
+        return slot.scratch
+
+    def drain(self) -> None:
+        """Wait until no slot has device work outstanding."""
+        self.backend.synchronize()
+
+
+_rings: dict[str, StagingRing] = {}
+_rings_lock = threading.Lock()
+
+
+def shared_ring(backend) -> StagingRing:
+    """The process's ring for ``backend``'s device, sized by FASTHUG_RING (slots x MiB)."""
+    with _rings_lock:
+        ring = _rings.get(backend.key)
+        if ring is None:
+            slots, slot_bytes = settings.ring_shape()
+            ring = _rings[backend.key] = StagingRing(backend, slots, slot_bytes)
+        return ring
+
+
+def warm_async(device_map) -> None:
+    """Start allocating the rings of the CUDA devices ``device_map`` names, in a background
+    thread, so pinning the ring overlaps stock building the model. Never raises."""
+    try:
+        import torch
+
+        if not torch.cuda.is_available():
+            return
+        names = set()
+        values = device_map.values() if isinstance(device_map, dict) else [device_map]
+        for value in values:
+            if isinstance(value, int) and not isinstance(value, bool):
+                names.add(f"cuda:{value}")
+            elif str(value) in ("auto", "balanced", "balanced_low_0", "sequential"):
+                names.add(f"cuda:{torch.cuda.current_device()}")
+            elif str(value).startswith("cuda"):
+                names.add(str(torch.device(value)))
+    except Exception:  # noqa: BLE001 - a warm-up only
+        return
+    for name in names:
+        threading.Thread(target=_warm, args=(name,), name="fasthug-ring-warmup", daemon=True).start()
+
+
+def _warm(device: str) -> None:
+    from fasthug_patch.engine import devices
+
+    try:
+        shared_ring(devices.backend_for(device))
+    except Exception:  # noqa: BLE001 - the load itself will meet (and handle) the same problem
+        pass

@@ -1,0 +1,307 @@
+"""Checkpoint bytes (or CPU tensors) -> tensors on a device, through the staging ring.
+
+Per tensor: the destination is allocated on the device in its final dtype; the tensor's
+bytes are cut into slot-sized pieces, and for each piece a reader thread takes a ring slot,
+reads the bytes into it (``preadv`` from the file for checkpoint tensors, a memcpy for CPU
+tensors), and enqueues on the device's side stream the copy into the destination, or, when
+the dtype changes, the copy into the slot's device scratch and the cast from there into
+the destination. So a half-precision checkpoint crosses the bus at half precision and is
+widened on the device, and nothing but the final tensor is allocated per tensor.
+
+A tensor is handed over only when its device work has finished: once its last piece is
+enqueued, an event is recorded and one completer thread per streamer waits on the events
+in order and completes the Futures. A consumer on any stream sees finished bytes.
+
+Parity with stock: stock's ``tensor.to(device, dtype)`` casts on the CPU, then copies.
+Float-to-float casts round the same on the device for every finite value and infinity;
+only NaN payloads may differ, so each cast piece also folds ``isnan(src).any()`` into a
+device flag, and a tensor that had a NaN is redone the stock way (CPU cast, then copy).
+Casts between other dtypes are done the stock way from the start.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import threading
+from concurrent.futures import Future
+
+from fasthug_patch.engine import mapped as mapped_mod
+from fasthug_patch.engine.mapped import SharedReadMapping
+from fasthug_patch.errors import CheckpointError
+
+_FLOATS = ("float16", "bfloat16", "float32", "float64")
+
+
+def casts_on_device(src_dtype, dst_dtype) -> bool:
+    """Whether a cast from ``src_dtype`` to ``dst_dtype`` may run on the device."""
+    name = lambda d: str(d).removeprefix("torch.")  # noqa: E731
+    return name(src_dtype) in _FLOATS and name(dst_dtype) in _FLOATS
+
+
+class _Job:
+    """One tensor on its way to the device."""
+
+    __slots__ = ("label", "dst", "dst_bytes", "dst_flat", "src_dtype", "src_item", "nan_seen", "read_into",
+                 "read_whole")
+
+    def __init__(self, label, dst, src_dtype, read_into, read_whole) -> None:
+        self.label = label
+        self.dst = dst
+        flat = dst.reshape(-1)
+        self.dst_flat = flat
+        self.dst_bytes = flat.view(_uint8()) if dst.dtype == src_dtype else None
+        self.src_dtype = src_dtype
+        self.src_item = _itemsize(src_dtype)
+        self.nan_seen = None
+        self.read_into = read_into  # (host_uint8, start_byte) -> None
+        self.read_whole = read_whole  # () -> CPU tensor of the source (for a stock-way redo)
+
+
+def _uint8():
+    import torch
+
+    return torch.uint8
+
+
+def _itemsize(dtype) -> int:
+    import torch
+
+    return torch.empty((), dtype=dtype).element_size()
+
+
+class DeviceStreamer:
+    """Streams tensors to one device. ``run(assembly, fn, *args)`` runs a piece on the
+    caller's reader pool and reports it to ``assembly`` (Materializer._run)."""
+
+    def __init__(self, backend, ring, run, make_assembly) -> None:
+        self.backend = backend
+        self._ring = ring  # a StagingRing, or a callable making it on first use
+        self._run = run
+        self._make_assembly = make_assembly
+        self._fds: dict[str, int] = {}
+        self._fds_lock = threading.Lock()
+        self._completions: queue.SimpleQueue = queue.SimpleQueue()
+        self._completer = threading.Thread(target=self._complete_in_order, name="fasthug-completer", daemon=True)
+        self._completer.start()
+        self.tensors = 0
+        self.redone_for_nan = 0
+        self.tensors_direct = 0  # DMA'd straight from a pinned file mapping
+        self._pinned: dict[str, Future] = {}  # file -> Future(base address or None)
+
+    @property
+    def ring(self):
+        if callable(self._ring):
+            self._ring = self._ring()  # pinned only when some tensor needs it
+        return self._ring
+
+    # -- requests ---------------------------------------------------------------
+    def submit_ref(self, ref, dtype, fill=None) -> Future:
+        """Checkpoint tensor ``ref`` -> a device tensor of ``dtype`` (None: its own)."""
+        src_dtype = ref.torch_dtype()
+        dtype = dtype or src_dtype
+
+        def read_into(host, start: int) -> None:
+            if fill is not None:
+                fill.wait(ref.offset + start, host.numel())  # a cold file's bytes, read in file order
+            self._pread(ref, host, start)
+
+        def read_whole():
+            import torch
+
+            data = torch.empty(ref.nbytes, dtype=torch.uint8)
+            self._pread(ref, data, 0)
+            return data.view(src_dtype).view(ref.shape)
+
+        return self._submit(ref.name, tuple(ref.shape), None, src_dtype, dtype, ref.nbytes, read_into, read_whole)
+
+    def submit_direct(self, ref) -> Future | None:
+        """A same-dtype tensor of a file that is in the page cache: DMA'd straight from a
+        read-only shared mapping of the file whose pages are pinned in place
+        (cudaHostRegister, once per file, on a reader thread), so no byte is copied by a
+        CPU. None if pinning that file was refused (the caller uses the ring)."""
+        pinned = self._pin_file(ref.file)
+        if pinned.done() and pinned.exception() is None and pinned.result() is None:
+            return None
+        self.tensors += 1
+        self.backend.follow_current()
+        dst = self.backend.device_empty(tuple(ref.shape), ref.torch_dtype())
+        future: Future = Future()
+        if ref.nbytes == 0:
+            future.set_result(dst)
+            return future
+        job = _Job(ref.name, dst, dst.dtype, lambda host, start: self._pread(ref, host, start), None)
+        assembly = self._make_assembly(future, dst, 1, ref.name,
+                                       lambda: self._completions.put((self.backend.record(), future, job)))
+        self._run(assembly, self._direct_copy, job, pinned, ref)
+        return future
+
+    def _pin_file(self, path: str) -> Future:
+        with self._fds_lock:
+            pinned = self._pinned.get(path)
+            if pinned is None:
+                pinned = self._pinned[path] = Future()
+                self._run(self._make_assembly(pinned, None, 1, path, None), self._register, pinned, path)
+        return pinned
+
+    def _register(self, pinned: Future, path: str) -> None:
+        mapping = SharedReadMapping(path)
+        if mapping.size and self.backend.register(mapping.base, mapping.size):
+            pinned.set_result(mapping)
+        else:
+            mapping.close()
+            pinned.set_result(None)
+
+    def _direct_copy(self, job: _Job, pinned: Future, ref) -> None:
+        mapping = pinned.result()
+        if mapping is None:  # pinning refused: this tensor goes through the ring after all
+            for start in range(0, ref.nbytes, self.ring.slot_bytes):
+                self._piece(job, start, min(self.ring.slot_bytes, ref.nbytes - start))
+            return
+        src, dst = mapping.raw_bytes(ref), job.dst_bytes  # raises, naming the tensor, if the file shrank
+        self.backend.enqueue(lambda: self.backend.copy(dst, src))
+        self.tensors_direct += 1
+
+    def submit_tensor(self, tensor, label: str = "tensor") -> Future:
+        """A contiguous CPU tensor -> a device tensor of the same dtype, shape and strides."""
+        src_bytes = tensor.reshape(-1).view(_uint8()) if tensor.numel() else None
+
+        def read_into(host, start: int) -> None:
+            piece = src_bytes[start : start + host.numel()]
+            # Fault the source in from the kernel side first: a weight mapped from a file that
+            # shrank since raises here, naming it, instead of a SIGBUS in the copy.
+            mapped_mod.populate_address(piece.data_ptr(), piece.numel(), label)
+            host.copy_(piece)
+
+        nbytes = tensor.numel() * tensor.element_size()
+        return self._submit(label, tuple(tensor.shape), tuple(tensor.stride()), tensor.dtype, tensor.dtype, nbytes,
+                            read_into, lambda: tensor)
+
+    def _submit(self, label, shape, stride, src_dtype, dtype, nbytes, read_into, read_whole) -> Future:
+        self.tensors += 1
+        if not casts_on_device(src_dtype, dtype) and src_dtype != dtype:
+            return self._stock_way(read_whole, dtype)
+        self.backend.follow_current()
+        dst = self.backend.device_empty(shape, dtype, stride)
+        future: Future = Future()
+        if nbytes == 0:
+            future.set_result(dst)
+            return future
+        job = _Job(label, dst, src_dtype, read_into, read_whole)
+        if job.dst_bytes is None:
+            import torch
+
+            job.nan_seen = self.backend.device_empty((), torch.bool)
+            self.backend.enqueue(job.nan_seen.zero_)
+        pieces = [(start, min(self.ring.slot_bytes, nbytes - start)) for start in range(0, nbytes, self.ring.slot_bytes)]
+        assembly = self._make_assembly(future, dst, len(pieces), label,
+                                       lambda: self._completions.put((self.backend.record(), future, job)))
+        for start, length in pieces:
+            self._run(assembly, self._piece, job, start, length)
+        return future
+
+    def _stock_way(self, read_whole, dtype) -> Future:
+        future: Future = Future()
+        try:
+            future.set_result(read_whole().to(device=self.backend.device, dtype=dtype))
+        except BaseException as exc:  # noqa: BLE001 - the caller's future carries it
+            future.set_exception(exc)
+        return future
+
+    # -- the pieces (reader threads) ----------------------------------------------
+    def _piece(self, job: _Job, start: int, length: int) -> None:
+        slot = self.ring.acquire()
+        event = None
+        try:
+            host = slot.host[:length]
+            job.read_into(host, start)
+            event = self._enqueue(job, slot, host, start, length)
+        finally:
+            if event is None:
+                event = self.backend.record()  # whatever was enqueued must finish before reuse
+            self.ring.release(slot, event)
+
+    def _enqueue(self, job: _Job, slot, host, start: int, length: int):
+        backend = self.backend
+        if job.dst_bytes is not None:  # same dtype: straight into the destination
+            dst = job.dst_bytes[start : start + length]
+            backend.enqueue(lambda: backend.copy(dst, host))
+            return backend.record()
+        import torch
+
+        scratch = self.ring.scratch(slot)[:length]
+        src = scratch.view(job.src_dtype)
+        first = start // job.src_item
+        dst = job.dst_flat[first : first + src.numel()]
+        flag = job.nan_seen
+
+        def work():
+            backend.copy(scratch, host)
+            dst.copy_(src)  # the cast, on the device
+            torch.logical_or(flag, torch.isnan(src).any(), out=flag)
+
+        backend.enqueue(work)
+        return backend.record()
+
+    # -- completion (one thread) ------------------------------------------------------
+    def _complete_in_order(self) -> None:
+        while True:
+            item = self._completions.get()
+            if item is None:
+                return
+            event, future, job = item
+            try:
+                event.synchronize()
+                if job.nan_seen is not None and bool(job.nan_seen.item()):
+                    # stock's way for this one: cast on the CPU, then copy (NaN bits as stock's)
+                    job.dst.copy_(job.read_whole().to(job.dst.dtype))
+                    self.redone_for_nan += 1
+            except BaseException as exc:  # noqa: BLE001 - the waiting caller gets it
+                future.set_exception(exc)
+                continue
+            future.set_result(job.dst)
+
+    # -- files ------------------------------------------------------------------
+    def _pread(self, ref, host, start: int) -> None:
+        fd = self._fd(ref.file)
+        view = memoryview(host.numpy())
+        got, want = 0, host.numel()
+        while got < want:
+            try:
+                n = os.preadv(fd, [view[got:]], ref.offset + start + got)
+            except OSError as exc:
+                raise CheckpointError(ref.file, ref.name, f"read failed: {exc.strerror or exc}") from exc
+            if n == 0:
+                raise CheckpointError(ref.file, ref.name, f"file ended at byte {ref.offset + start + got}, inside "
+                                                          "this tensor (truncated while loading?)")
+            got += n
+
+    def _fd(self, path: str) -> int:
+        with self._fds_lock:
+            fd = self._fds.get(path)
+            if fd is None:
+                try:
+                    fd = self._fds[path] = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+                except OSError as exc:
+                    raise CheckpointError(path, None, f"cannot open: {exc.strerror or exc}") from exc
+            return fd
+
+    def close(self) -> None:
+        """After the reader pool has drained: finish completions, unpin the files' pages,
+        close the files."""
+        self._completions.put(None)
+        self._completer.join()
+        try:
+            self.backend.synchronize()
+        except Exception:  # noqa: BLE001 - a device error already failed the futures of the work it hit
+            pass
+        for pinned in self._pinned.values():
+            mapping = pinned.result() if pinned.done() and pinned.exception() is None else None
+            if mapping is not None:
+                self.backend.unregister(mapping.base)
+                mapping.close()
+        self._pinned.clear()
+        with self._fds_lock:
+            for fd in self._fds.values():
+                os.close(fd)
+            self._fds.clear()
