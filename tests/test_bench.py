@@ -314,8 +314,10 @@ def test_checkpoint_sizes():
     assert 0.1e9 < checkpoints.param_count("125m") < 0.2e9
     assert checkpoints.param_count("1b") - checkpoints.param_count("1b-tied") == 32000 * 2048  # one head fewer
     assert checkpoints.spec("llama", "3b", "bf16")["shard_size"] == "2GB"
+    assert 6.5e9 < checkpoints.param_count("7b") < 7.0e9  # Llama-2-7B: 6.74B
+    assert checkpoints.spec("llama", "7b", "bf16")["shard_size"] == "5GB"
     with pytest.raises(ValueError):
-        checkpoints.spec("llama", "7b", "bf16")
+        checkpoints.spec("llama", "13b", "bf16")
 
 
 def test_tiny_param_count_matches_model(tiny):
