@@ -93,28 +93,18 @@ def probe(path: str, size: int) -> None:
     """Where the host side's time goes: N threads of preadv (page cache -> pinned) with no
     device copy; and pinning the file's own pages (cudaHostRegister, read-only) instead."""
     import mmap
-    import threading
 
     import torch
 
+    from fasthug_patch.bench.ceiling import _run_threads, pread_full
+
     chunk = 32 << 20
+    pieces = [(off, min(chunk, size - off)) for off in range(0, size, chunk)]
     for nthreads in (1, 4, 8, 16):
-        bufs = [torch.empty(chunk, dtype=torch.uint8, pin_memory=True) for _ in range(nthreads)]
+        bufs = [torch.empty(chunk, dtype=torch.uint8, pin_memory=True) for _ in range(nthreads)]  # before timing
         fd = os.open(path, os.O_RDONLY)
-        offsets = list(range(0, size, chunk))
-
-        def work(i):
-            view = memoryview(bufs[i].numpy())
-            for off in offsets[i::nthreads]:
-                os.preadv(fd, [view[: min(chunk, size - off)]], off)
-
-        threads = [threading.Thread(target=work, args=(i,)) for i in range(nthreads)]
-        t0 = time.perf_counter()
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        took = time.perf_counter() - t0
+        took = _run_threads(nthreads, pieces, lambda buf, off, n: pread_full(fd, memoryview(buf.numpy())[:n], off),
+                            make_buffer=bufs.pop)
         os.close(fd)
         print(f"preadv page cache -> pinned, {nthreads} threads: {size / took / 1e9:.1f} GB/s")
     cudart = torch.cuda.cudart()

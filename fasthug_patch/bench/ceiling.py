@@ -95,14 +95,26 @@ def _chunks(files, limit: int | None):
     return out, total
 
 
-def _run_threads(nthreads: int, chunks, work) -> float:
+def pread_full(fd: int, view: memoryview, offset: int) -> None:
+    """preadv until ``view`` is full or the file ends."""
+    got = 0
+    while got < len(view):
+        r = os.preadv(fd, [view[got:]], offset + got)
+        if r <= 0:
+            break
+        got += r
+
+
+def _run_threads(nthreads: int, chunks, work, make_buffer=lambda: bytearray(CHUNK)) -> float:
+    """Seconds for ``nthreads`` threads to run ``work(buffer, *chunk)`` over ``chunks``; each
+    thread gets one buffer from ``make_buffer``."""
     q: queue.SimpleQueue = queue.SimpleQueue()
     for c in chunks:
         q.put(c)
     errors = []
 
     def worker():
-        buf = bytearray(CHUNK)
+        buf = make_buffer()
         try:
             while True:
                 try:
@@ -175,13 +187,7 @@ def cold_read_gbps(path, threads=THREADS, limit: int | None = 4 << 30) -> dict:
                 fds[name] = os.open(name, os.O_RDONLY)
 
             def work(buf, name, off, n):
-                view = memoryview(buf)[:n]
-                got = 0
-                while got < n:
-                    r = os.preadv(fds[name], [view[got:]], off + got)
-                    if r <= 0:
-                        break
-                    got += r
+                pread_full(fds[name], memoryview(buf)[:n], off)
 
             elapsed = _run_threads(nt, chunks, work)
             results[nt] = total / elapsed / 1e9

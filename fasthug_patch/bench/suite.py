@@ -176,8 +176,8 @@ def render(root: str) -> str:
              "warm-up round; min–max in brackets. **Time to ready** is `from_pretrained` plus every weight "
              "page resident (one byte read in every 4 KiB page), with the modeling module imported "
              "beforehand. Cold runs evict the checkpoint's pages with `posix_fadvise(POSIX_FADV_DONTNEED)` "
-             "before every trial. *Same model* means every stock and patched trial gave the same digest (sha256, or xxh3-128 where xxhash is installed) over "
-             "all weights' names, dtypes, shapes and bytes, and the same tied groups.", "",
+             "before every trial. *Same model* means every stock and patched trial gave the same digest "
+             "(sha256, or xxh3-128 where xxhash is installed) over all weights' names, dtypes, shapes and bytes, and the same tied groups.", "",
              "The checkpoints are Llama-architecture models with seeded random weights built locally "
              "(`fasthug_patch.bench.checkpoints`): 125m (~0.2B with its 32k vocabulary), 1b (TinyLlama-1.1B "
              "shape), 3b (Llama-3.2-3B body, sharded in 2 GB files).", "",

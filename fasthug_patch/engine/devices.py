@@ -25,9 +25,7 @@ class CudaBackend:
         if not torch.cuda.is_available():
             raise RuntimeError("CUDA is not available")
         self.torch = torch
-        self.device = torch.device(device)
-        if self.device.index is None:
-            self.device = torch.device("cuda", torch.cuda.current_device())
+        self.device = _cuda_device(device)
         self.key = str(self.device)
         self._stream = torch.cuda.Stream(device=self.device)
         # Blocking-sync events: a reader waiting for a slot sleeps instead of spinning a core
@@ -64,8 +62,9 @@ class CudaBackend:
         self._stream.synchronize()
 
     def register(self, address: int, nbytes: int) -> bool:
-        """Pin [address, address+nbytes) of already-mapped memory for DMA, read-only (so a
-        private file mapping's pages are pinned as they are, never copied on write)."""
+        """Pin [address, address+nbytes) of already-mapped memory for DMA, read-only. Give it
+        a shared mapping: the kernel unshares (copies) pinned pages of a private one
+        (mapped.SharedReadMapping says what that cost)."""
         err = self.torch.cuda.cudart().cudaHostRegister(address, nbytes, _HOST_REGISTER_READ_ONLY)
         return int(getattr(err, "value", err)) == 0
 
@@ -85,9 +84,6 @@ class _StandInEvent:
         self._done.wait()
         if self.error is not None:
             raise self.error
-
-    def query(self) -> bool:
-        return self._done.is_set()
 
 
 class StandInBackend:
@@ -164,15 +160,19 @@ _backends: dict[str, object] = {}
 _backends_lock = threading.Lock()
 
 
-def backend_for(device):
-    """The process-wide backend for a CUDA ``device`` (one side stream per device)."""
+def _cuda_device(device):
+    """``device`` as a torch.device with its index ("cuda" -> "cuda:<current>")."""
     import torch
 
     device = torch.device(device)
     if device.type != "cuda":
         raise ValueError(f"no streaming backend for device {device}")
-    if device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cuda", torch.cuda.current_device()) if device.index is None else device
+
+
+def backend_for(device):
+    """The process-wide backend for a CUDA ``device`` (one side stream per device)."""
+    device = _cuda_device(device)
     with _backends_lock:
         backend = _backends.get(str(device))
         if backend is None:

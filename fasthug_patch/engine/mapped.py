@@ -60,6 +60,13 @@ def populate_address(address: int, length: int, label: str) -> None:
                               f"its pages could not be read ({exc.strerror}); was its file truncated?") from None
 
 
+def _check_inside(path: str, mapped_size: int, ref: TensorRef) -> None:
+    """Raise CheckpointError if ``ref``'s bytes lie past the mapped size or the file's size now."""
+    current = os.stat(path).st_size if os.path.exists(path) else -1
+    if ref.offset + ref.nbytes > min(mapped_size, current):
+        raise CheckpointError(path, ref.name, "tensor lies past the end of the file (truncated?)")
+
+
 class MappedFile:
     """One checkpoint file, mapped once for the whole load."""
 
@@ -126,9 +133,7 @@ class MappedFile:
 
     def check_size(self, ref: TensorRef) -> None:
         """Raise CheckpointError if ``ref``'s bytes are no longer all inside the file."""
-        current = os.stat(self.path).st_size if os.path.exists(self.path) else -1
-        if ref.offset + ref.nbytes > min(self.size, current):
-            raise CheckpointError(self.path, ref.name, "tensor lies past the end of the file (truncated?)")
+        _check_inside(self.path, self.size, ref)
 
 
 class SharedReadMapping:
@@ -158,9 +163,7 @@ class SharedReadMapping:
         self.base = self._bytes.data_ptr() if self._bytes is not None else 0
 
     def raw_bytes(self, ref: TensorRef):
-        current = os.stat(self.path).st_size if os.path.exists(self.path) else -1
-        if ref.offset + ref.nbytes > min(self.size, current):
-            raise CheckpointError(self.path, ref.name, "tensor lies past the end of the file (truncated?)")
+        _check_inside(self.path, self.size, ref)
         return self._bytes[ref.offset : ref.offset + ref.nbytes]
 
     def close(self) -> None:

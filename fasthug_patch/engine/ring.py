@@ -43,10 +43,6 @@ class StagingRing:
             self._free.put(slot)
         self._scratch_lock = threading.Lock()
 
-    @property
-    def host_bytes(self) -> int:
-        return self.slots * self.slot_bytes
-
     def acquire(self) -> Slot:
         """A free slot whose earlier device work has finished (blocks until there is one)."""
         slot = self._free.get()
@@ -72,10 +68,6 @@ class StagingRing:
 
                     slot.scratch = self.backend.device_empty((self.slot_bytes,), torch.uint8)
         return slot.scratch
-
-    def drain(self) -> None:
-        """Wait until no slot has device work outstanding."""
-        self.backend.synchronize()
 
 
 _rings: dict[str, StagingRing] = {}

@@ -42,11 +42,9 @@ def casts_on_device(src_dtype, dst_dtype) -> bool:
 class _Job:
     """One tensor on its way to the device."""
 
-    __slots__ = ("label", "dst", "dst_bytes", "dst_flat", "src_dtype", "src_item", "nan_seen", "read_into",
-                 "read_whole")
+    __slots__ = ("dst", "dst_bytes", "dst_flat", "src_dtype", "src_item", "nan_seen", "read_into", "read_whole")
 
-    def __init__(self, label, dst, src_dtype, read_into, read_whole) -> None:
-        self.label = label
+    def __init__(self, dst, src_dtype, read_into, read_whole) -> None:
         self.dst = dst
         flat = dst.reshape(-1)
         self.dst_flat = flat
@@ -130,7 +128,7 @@ class DeviceStreamer:
         if ref.nbytes == 0:
             future.set_result(dst)
             return future
-        job = _Job(ref.name, dst, dst.dtype, lambda host, start: self._pread(ref, host, start), None)
+        job = _Job(dst, dst.dtype, lambda host, start: self._pread(ref, host, start), None)
         assembly = self._make_assembly(future, dst, 1, ref.name,
                                        lambda: self._completions.put((self.backend.record(), future, job)))
         self._run(assembly, self._direct_copy, job, pinned, ref)
@@ -187,7 +185,7 @@ class DeviceStreamer:
         if nbytes == 0:
             future.set_result(dst)
             return future
-        job = _Job(label, dst, src_dtype, read_into, read_whole)
+        job = _Job(dst, src_dtype, read_into, read_whole)
         if job.dst_bytes is None:
             import torch
 
