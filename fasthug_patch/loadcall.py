@@ -50,12 +50,10 @@ class LoadCall:
             return
         try:
             self.materializer.prepare(names)
-            if self.device_map is not None and (self.casting or self.materializer.has_cold_files):
+            if self.device_map is not None and self.materializer.may_stage(self.casting):
                 from fasthug_patch.engine import ring
 
-                # Cold files and casts go through the GPU staging ring: pin it while stock
-                # builds the model (warm same-dtype files are DMA'd from the page cache).
-                ring.warm_async(self.device_map)
+                ring.warm_async(self.device_map)  # pin the GPU staging ring while stock builds the model
         except Exception as exc:  # noqa: BLE001
             self.report.notes.append(f"prefetch skipped: {exc}")
 

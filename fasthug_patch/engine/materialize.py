@@ -225,9 +225,11 @@ class Materializer:
     def tensors_to_device(self) -> int:
         return sum(s.tensors for s in self._streamers.values())
 
-    @property
-    def has_cold_files(self) -> bool:
-        return bool(self._cold)
+    def may_stage(self, casting: bool) -> bool:
+        """Whether a GPU load of the prepared files may need the pinned staging ring: always,
+        unless page-cached files are pinned in place (FASTHUG_PIN_FILES); then only for cold
+        files or casts. The same split as _submit_to_device makes per tensor."""
+        return casting or bool(self._cold) or not settings.pin_cached_files()
 
     def _mapped_view(self, mapped, ref: TensorRef, fill: FileFill | None) -> Future:
         future: Future = Future()
