@@ -20,6 +20,7 @@ MEMORY_VAR = "FASTHUG_MEMORY_AVAILABLE_MB"
 RING_VAR = "FASTHUG_RING"
 PIN_FILES_VAR = "FASTHUG_PIN_FILES"
 STREAM_TO_DEVICE_VAR = "FASTHUG_STREAM_TO_DEVICE"
+HUGE_PAGES_VAR = "FASTHUG_HUGE_PAGES"
 
 # Pinned staging ring per device: slots x MiB. Enough slots for every reader thread to
 # have one filling while the copy engine drains the others.
@@ -120,3 +121,10 @@ def pin_cached_files() -> bool:
     FASTHUG_PIN_FILES=1: the logic is tested (CPU stand-in, tiny models on an H100), but it
     has not yet been measured end to end on a large checkpoint (docs/gpu.md)."""
     return env_flag(PIN_FILES_VAR) is True
+
+
+def huge_pages() -> bool:
+    """Whether weights the engine writes on the CPU (casts) go into transparent huge pages.
+    Off unless FASTHUG_HUGE_PAGES=1: a win where fresh memory is cheap to back, a loss on
+    VMs whose balloon reports free memory to the host (engine/host_memory.py)."""
+    return env_flag(HUGE_PAGES_VAR) is True

@@ -32,7 +32,7 @@ import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
 
 from fasthug_patch import settings
-from fasthug_patch.engine import devices, residency
+from fasthug_patch.engine import devices, host_memory, residency
 from fasthug_patch.engine.filler import FileFill
 from fasthug_patch.engine.mapped import MappedFiles
 from fasthug_patch.engine.ring import shared_ring
@@ -252,12 +252,10 @@ class Materializer:
     def _cast(self, src, ref: TensorRef | None, dtype, mapped, fill: FileFill | None) -> Future:
         """Cast ``src`` into a fresh tensor chunk by chunk. With ``mapped``, ``src`` lies in
         that mapping: each chunk waits for its fill, and its source pages are unmapped after."""
-        import torch
-
         future: Future = Future()
         dtype = dtype or src.dtype
         label = ref.name if ref is not None else "tensor"
-        dst = torch.empty(src.shape, dtype=dtype)
+        dst = host_memory.empty(src.shape, dtype)
         with self._stats_lock:
             self.tensors_cast += 1
             self.bytes_read += src.numel() * src.element_size()
