@@ -17,6 +17,7 @@ import threading
 import time
 
 from fasthug_patch import activation, capabilities, device_move, loadcall
+from fasthug_patch.errors import DistributedLoadError
 from fasthug_patch.report import LOGGER_NAME, LoadReport, publish
 
 logger = logging.getLogger(LOGGER_NAME)
@@ -95,6 +96,12 @@ def _fast(wrapped, args, kwargs, report: LoadReport):
             result = wrapped(*args, **kwargs)
         failed = False
     except Exception as exc:
+        if _from_peers(exc):
+            # Another rank failed or timed out: every rank raises, none retries alone.
+            report.path, report.reason = "fallback", f"ranks failed: {exc}"
+            report.seconds = time.perf_counter() - began
+            publish(report)
+            raise
         if not call.entered_fast_internals:
             # Raised by stock code before any weight went through the fast path: that
             # is stock's own error, unchanged.
@@ -122,3 +129,15 @@ def _fast(wrapped, args, kwargs, report: LoadReport):
             report.notes.append(f"{call.fast_loads} weight loads took the fast path")
     publish(report)
     return result
+
+
+def _from_peers(exc: BaseException) -> bool:
+    """Whether ``exc`` is, or was raised because of, a DistributedLoadError (stock code
+    between us and the error may wrap it)."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, DistributedLoadError):
+            return True
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return False

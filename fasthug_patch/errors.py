@@ -35,3 +35,10 @@ class CheckpointPathError(ValueError, FileNotFoundError):
         self.file = file
         self.problem = problem
         super().__init__(f"{file}: {problem}")
+
+
+class DistributedLoadError(RuntimeError):
+    """Another rank of a multi-process job failed, or timed out, reading its part of a
+    checkpoint this rank shares (ranks.py). Raised on every rank that waits for it, and
+    never answered with a stock retry: the job's ranks must fail together, not go on with
+    different weights or wait forever."""

@@ -49,13 +49,20 @@ class LoadCall:
         if not names:
             return
         try:
-            self.materializer.prepare(names)
+            from fasthug_patch import ranks
+
+            peers, why = ranks.peer_group()
+            if peers is None and why != "not a multi-process job":
+                self.materializer.sharing = f"not shared: {why}"
+            self.materializer.prepare(names, peers)
             if self.device_map is not None and self.materializer.may_stage(self.casting):
                 from fasthug_patch.engine import ring
 
                 ring.warm_async(self.device_map)  # pin the GPU staging ring while stock builds the model
         except Exception as exc:  # noqa: BLE001
             self.report.notes.append(f"prefetch skipped: {exc}")
+            if self._materializer is not None and self._materializer.share is not None:
+                self._materializer.share.post_done(exc)  # the other ranks must not wait for this one
 
     def declined(self, reason: str) -> None:
         if reason not in self.stock_loads:
@@ -75,6 +82,8 @@ class LoadCall:
         report.tensors_to_device += engine.tensors_to_device
         report.threads = engine.threads
         report.io.update(engine.io)
+        report.bytes_filled += engine.bytes_filled
+        report.ranks = engine.sharing or report.ranks
         report.notes.extend(engine.notes)
         report.phases["reader_busy"] = engine.busy_seconds
 

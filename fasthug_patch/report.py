@@ -24,6 +24,8 @@ class LoadReport:
     tensors_mapped: int = 0
     tensors_cast: int = 0
     tensors_to_device: int = 0  # streamed through the pinned ring (device_map on a GPU)
+    bytes_filled: int = 0  # read from the checkpoint files by this process's parallel reads
+    ranks: str = ""  # in a multi-process job: how the ranks shared the reading, or why not
     threads: int = 0
     files: list[str] = field(default_factory=list)
     io: dict[str, str] = field(default_factory=dict)  # file -> how it was read, and why
@@ -56,6 +58,8 @@ class LoadReport:
             reads = sorted(set(self.io.values()))
             if reads:
                 head += "; files: " + "; ".join(reads)
+            if self.ranks:
+                head += f"; ranks: {self.ranks}"
             if self.notes:
                 head += "; " + "; ".join(self.notes)
         return head

@@ -21,6 +21,9 @@ RING_VAR = "FASTHUG_RING"
 PIN_FILES_VAR = "FASTHUG_PIN_FILES"
 STREAM_TO_DEVICE_VAR = "FASTHUG_STREAM_TO_DEVICE"
 HUGE_PAGES_VAR = "FASTHUG_HUGE_PAGES"
+DIST_VAR = "FASTHUG_DIST"
+DIST_JOIN_VAR = "FASTHUG_DIST_JOIN_S"
+DIST_TIMEOUT_VAR = "FASTHUG_DIST_TIMEOUT_S"
 
 # Pinned staging ring per device: slots x MiB. Enough slots for every reader thread to
 # have one filling while the copy engine drains the others.
@@ -128,3 +131,26 @@ def huge_pages() -> bool:
     Off unless FASTHUG_HUGE_PAGES=1: a win where fresh memory is cheap to back, a loss on
     VMs whose balloon reports free memory to the host (engine/host_memory.py)."""
     return env_flag(HUGE_PAGES_VAR) is True
+
+
+def dist_sharing() -> bool | None:
+    """FASTHUG_DIST=0: ranks of a multi-process job each read the whole checkpoint instead
+    of sharing the reading (ranks.py)."""
+    return env_flag(DIST_VAR)
+
+
+def _env_seconds(name: str, default: float) -> float:
+    try:
+        return max(0.0, float(os.environ.get(name, "").strip() or default))
+    except ValueError:
+        return default
+
+
+def dist_join_seconds() -> float:
+    """How long a rank waits for the others to start the same load before it reads alone."""
+    return _env_seconds(DIST_JOIN_VAR, 10.0)
+
+
+def dist_timeout_seconds() -> float:
+    """How long a rank waits for the others to finish their part before raising."""
+    return _env_seconds(DIST_TIMEOUT_VAR, 600.0)

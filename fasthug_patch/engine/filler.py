@@ -49,8 +49,9 @@ class FileFill:
         self._fd: int | None = None
         self._fd_lock = threading.Lock()
         self._pending = len(self.spans)
-        self._skipped: set[int] = set()
+        self.skipped: set[int] = set()
         self.stopped = False
+        self.shared = False  # other ranks read some chunks (ranks.py); then it never stops
 
     def stop(self) -> None:
         """Read no further chunks (those already read or in flight complete). A cast load
@@ -62,7 +63,7 @@ class FileFill:
         """Read chunk ``index`` (called once per chunk, by a pool thread)."""
         start, length = self.spans[index]
         if self.stopped:
-            self._skipped.add(index)
+            self.skipped.add(index)
             self._done[index].set()
             self._chunk_finished()
             return
@@ -84,6 +85,16 @@ class FileFill:
             self._done[index].set()
             self._chunk_finished()
 
+    def mark_read(self, index: int) -> None:
+        """Chunk ``index`` was read into the page cache by another rank on this host."""
+        self._done[index].set()
+        self._chunk_finished()
+
+    def outcome(self, index: int) -> BaseException | None:
+        """Wait for chunk ``index``; its error, if it failed."""
+        self._done[index].wait()
+        return self._errors.get(index)
+
     def cancel(self, index: int, error: BaseException) -> None:
         """Mark a chunk that will never be read (the load is being abandoned)."""
         self._errors.setdefault(index, error)
@@ -103,7 +114,7 @@ class FileFill:
             error = self._errors.get(index)
             if error is not None:
                 raise error
-            filled = filled and index not in self._skipped
+            filled = filled and index not in self.skipped
         return filled
 
     def _open(self) -> int:

@@ -100,11 +100,16 @@ class Materializer:
         self.tensors_cast = 0
         self.busy_seconds = 0.0
         self._streamers: dict[str, DeviceStreamer] = {}
+        self.bytes_filled = 0  # read from checkpoint files by this process's preadv fills
+        self.share = None  # ranks.Share when other ranks on this host read part of the files
+        self.sharing = ""  # how the reading was shared, or why it was not (report.ranks)
         self.backend_for = devices.backend_for  # device -> backend (tests swap in a stand-in)
 
     # -- files ----------------------------------------------------------------
-    def prepare(self, files) -> None:
-        """Choose how to read each of ``files`` and start filling the cold ones."""
+    def prepare(self, files, peers=None) -> None:
+        """Choose how to read each of ``files`` and start filling the cold ones. With
+        ``peers`` (a ranks.PeerGroup), first agree with the other ranks loading the same
+        files, and fill only this rank's part of them."""
         with self._prepare_lock:
             todo = [str(f) for f in files if str(f) not in self.io and os.path.isfile(f)]
             if not todo:
@@ -114,15 +119,62 @@ class Materializer:
             if available is not None and sum(sizes.values()) > available:
                 self._go_lazy(todo, sum(sizes.values()), available)
                 return
+            owned = self._agree(peers, todo, sizes) if peers is not None else None
             for name in todo:
-                self._choose(name, sizes[name])
+                self._choose(name, sizes[name], owned)
+            if self.share is not None:
+                threading.Thread(target=self._meet_peers, args=(owned,), name="fasthug-ranks", daemon=True).start()
 
-    def _choose(self, name: str, size: int) -> None:
+    def _agree(self, peers, names: list[str], sizes: dict[str, int]):
+        """This rank's chunks of ``names`` if the reading is shared, else None."""
+        from fasthug_patch import ranks
+
+        if self.io_mode != "read" and sum(sizes.values()) < FILL_MIN_BYTES:
+            self.sharing = "not shared: checkpoint too small to be worth it"
+            return None
+        share, why = peers.agree(ranks.fingerprint([(name, sizes[name]) for name in names]))
+        if share is None:
+            self.sharing = f"not shared: {why}"
+            return None
+        self.share = share
+        chunks = [(name, index, length) for name in names
+                  for index, (_, length) in enumerate(FileFill(name, sizes[name], self.chunk_bytes).spans)]
+        owned = ranks.owned_chunks(chunks, share.index, share.count)
+        self.sharing = (f"shared: rank {peers.rank} read {len(owned)} of {len(chunks)} chunks "
+                        f"as {share.index + 1} of {share.count} ranks on {peers.host}")
+        return owned
+
+    def _meet_peers(self, owned) -> None:
+        """Once this rank's chunks are read, tell the others and wait for theirs; then mark
+        their chunks read, or fail every waiter with the DistributedLoadError."""
+        from fasthug_patch.errors import DistributedLoadError
+
+        share, fills = self.share, [fill for fill in self._fills.values() if fill.shared]
+        error = None
+        for fill in fills:
+            for index in range(len(fill.spans)):
+                if (fill.path, index) in owned:
+                    error = error or fill.outcome(index)
+        share.post_done(error)
+        try:
+            share.wait_for_peers()
+        except DistributedLoadError as exc:
+            for fill in fills:
+                for index in range(len(fill.spans)):
+                    if (fill.path, index) not in owned:
+                        fill.cancel(index, exc)
+            return
+        for fill in fills:
+            for index in range(len(fill.spans)):
+                if (fill.path, index) not in owned:
+                    fill.mark_read(index)
+
+    def _choose(self, name: str, size: int, owned=None) -> None:
         cached = residency.resident_fraction(name) if self.io_mode == "auto" else None
         cold = cached is None or cached < CACHED_ENOUGH  # unknown (forced mode) counts as cold
         if cold:
             self._cold.add(name)
-        small = self.io_mode == "auto" and cold and size < FILL_MIN_BYTES
+        small = self.io_mode == "auto" and cold and size < FILL_MIN_BYTES and owned is None
         read = self.io_mode == "read" or (self.io_mode == "auto" and cold and not small)
         why = f"{cached:.0%} cached" if cached is not None else f"FASTHUG_IO={self.io_mode}"
         if not read or size == 0:
@@ -136,8 +188,12 @@ class Materializer:
         if self.populate:
             self._populate.add(name)
         fill = self._fills[name] = FileFill(name, size, self.chunk_bytes)
-        self.io[name] = f"read: {len(fill.spans)} preadv chunks, {self.threads} threads ({why})"
-        for index in range(len(fill.spans)):
+        mine = range(len(fill.spans))
+        if owned is not None:
+            fill.shared = True
+            mine = [index for index in mine if (name, index) in owned]
+        self.io[name] = f"read: {len(mine)} of {len(fill.spans)} preadv chunks, {self.threads} threads ({why})"
+        for index in mine:
             self._pool.submit(self._fill_job, fill, index)
 
     def _fill_job(self, fill: FileFill, index: int) -> None:
@@ -148,6 +204,8 @@ class Materializer:
         fill.read_chunk(index)
         with self._stats_lock:
             self.busy_seconds += time.perf_counter() - began
+            if fill.outcome(index) is None and index not in fill.skipped:
+                self.bytes_filled += fill.spans[index][1]
 
     def _go_lazy(self, names: list[str], total: int, available: int) -> None:
         note = (
@@ -308,6 +366,8 @@ class Materializer:
     def close(self, cancel: bool = False) -> None:
         if cancel and self._failed is None:
             self._failed = FastPathError("load abandoned")
+        if cancel and self.share is not None:
+            self.share.post_done(self._failed)  # peers still waiting stop now, not at their timeout
         self._pool.shutdown(wait=True, cancel_futures=cancel)
         for streamer in self._streamers.values():
             streamer.close()
