@@ -17,6 +17,7 @@ import glob
 import json
 import os
 import re
+import statistics
 import subprocess
 import sys
 import time
@@ -58,6 +59,7 @@ SCENARIOS = (
 SIZES = ("125m", "1b", "3b", "7b")
 RESULTS_DIR = os.path.join("bench", "results")
 DOC = os.path.join("docs", "benchmarks.md")
+RANKS_DIR = "ranks"  # bench/results/ranks/: bench/ranks.py's results
 PLOT = os.path.join("docs", "benchmarks.png")
 
 
@@ -133,6 +135,8 @@ def _save(filename: str, data: dict) -> None:
 def load_results(root: str) -> list[dict]:
     found = []
     for name in sorted(glob.glob(os.path.join(root, RESULTS_DIR, "*", "*.json"))):
+        if os.path.basename(os.path.dirname(name)) == RANKS_DIR:  # bench/ranks.py's, rendered apart
+            continue
         with open(name) as f:
             data = json.load(f)
         data["_version_dir"] = os.path.basename(os.path.dirname(name))
@@ -232,6 +236,7 @@ def render(root: str) -> str:
             lines += ["<details><summary>Commands to rerun one cell (from the repository root; the "
                       "checkpoints are built under ~/.cache/fasthug_patch by the suite)</summary>", ""]
             lines += [f"    {c}" for c in cmds] + ["", "</details>", ""]
+    lines += render_ranks(root)
     lines += ["## Reading the numbers", "",
               "- *of ceiling*: the time the machine's ceiling needs for the checkpoint's bytes (cold: the best "
               "parallel `preadv` read of the files; warm: a memory copy of that many bytes) divided by "
@@ -245,6 +250,35 @@ def render(root: str) -> str:
               "(no dtype) scenario on 4.57 that is bf16 where stock gives fp32, so its model is not stock's.",
               ""]
     return "\n".join(lines)
+
+
+def render_ranks(root: str) -> list[str]:
+    """The section for bench/ranks.py's results (ranks of one job sharing the reading)."""
+    results = []
+    for name in sorted(glob.glob(os.path.join(root, RESULTS_DIR, RANKS_DIR, "*.json"))):
+        with open(name) as handle:
+            results.append(json.load(handle))
+    if not results:
+        return []
+    lines = ["## Ranks of one job sharing the reading (cold cache)", "",
+             "N ranks under `torchrun --standalone` (no process group yet, as a training job before "
+             "`init_process_group`) against one patched process, alternating, the checkpoint evicted before "
+             "every round. *Slowest rank* is the largest time to ready among the ranks of a round. *Read from "
+             "storage* is /proc/self/io `read_bytes` summed over the round's processes: what came off the disk.",
+             "", "| transformers | size | GB | ranks | one process ready s | slowest rank ready s | "
+             "one process / slowest rank | read from storage: one process / all ranks GB | same model |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        single, ranks = r["single_ready_s"], r["ranks_slowest_ready_s"]
+        lines.append(
+            f"| {r['transformers']} | {r['size']} | {r['checkpoint_bytes'] / 1e9:.2f} | {r['world']} "
+            f"| {single['median']:.2f} ({single['min']:.2f}–{single['max']:.2f}) "
+            f"| {ranks['median']:.2f} ({ranks['min']:.2f}–{ranks['max']:.2f}) | {r['ratio']:.2f}x "
+            f"| {statistics.median(r['single_storage_read_bytes']) / 1e9:.2f} / "
+            f"{statistics.median(r['ranks_storage_read_bytes']) / 1e9:.2f} | {'yes' if r['identical'] else 'NO'} |")
+    lines += [""] + [f"Rerun: `{r['command']}` (n={r['n']}, {r['warmup']} warm-up round per side; "
+                     f"how the ranks split it: {r['sharing']})." for r in results] + [""]
+    return lines
 
 
 PLOTTED = ("S1", "S2", "S3", "S3c", "D4")
