@@ -52,7 +52,7 @@ class LoadCall:
             from fasthug_patch import ranks
 
             peers, why = ranks.peer_group()
-            if peers is None and why != "not a multi-process job":
+            if peers is None and why != ranks.NOT_A_JOB:
                 self.materializer.sharing = f"not shared: {why}"
             self.materializer.prepare(names, peers)
             if self.device_map is not None and self.materializer.may_stage(self.casting):

@@ -33,13 +33,14 @@ import itertools
 import os
 import socket
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import timedelta
 
 from fasthug_patch import settings
 from fasthug_patch.errors import DistributedLoadError
 
 SHARE, SOLO = "share", "solo"
+NOT_A_JOB = "not a multi-process job"  # peer_group's reason when there is nothing to share with
 _occurrences: dict[tuple, itertools.count] = {}
 _occurrences_lock = threading.Lock()
 _agent_store = None
@@ -55,7 +56,7 @@ class Share:
     index: int
     count: int
     peers: list[int]  # global ranks on this host, in order; peers[index] is this rank
-    posted: bool = field(default=False)
+    posted: bool = False
 
     def post_done(self, error: BaseException | None = None) -> None:
         """Tell the others this rank's part is read (or failed). Once."""
@@ -79,7 +80,7 @@ class Share:
                 f"({settings.DIST_TIMEOUT_VAR}); rank {self.group.rank} stops rather than load weights never read"
             ) from None
         for rank, key in zip(self.peers, keys):
-            value = store.get(key).decode(errors="replace")
+            value = _text(store, key)
             if value != "ok":
                 raise DistributedLoadError(
                     f"rank {rank} failed to read its part of the checkpoint ({value[len('error: '):]}); "
@@ -109,7 +110,7 @@ class PeerGroup:
         store, decision_key = self.store, f"{prefix}/decision"
         store.set(f"{prefix}/join/{self.rank}", f"{self.host}\n{fingerprint}")
         keys = [f"{prefix}/join/{rank}" for rank in range(self.world)]
-        if store.check([decision_key]) and _decided(store.get(decision_key)) == SOLO:
+        if store.check([decision_key]) and _text(store, decision_key) == SOLO:
             # Late: the others gave up waiting (e.g. rank 0 loaded first, alone) and read alone.
             return None, "the other ranks already loaded these files, each alone"
         try:
@@ -117,23 +118,24 @@ class PeerGroup:
             joined = True
         except Exception:  # noqa: BLE001 - a timeout: not every rank is loading these files now
             joined = False
-        posted = [store.get(key).decode(errors="replace") for key in keys] if joined else []
+        posted = [_text(store, key) for key in keys] if joined else []
         same = joined and all(value.split("\n", 1)[1] == fingerprint for value in posted)
-        decision = _decided(store.compare_set(decision_key, "", SHARE if same else SOLO))
+        # Sets the decision only if no rank has yet; returns whatever now stands.
+        decision = store.compare_set(decision_key, "", SHARE if same else SOLO).decode(errors="replace")
         if decision != SHARE:
             why = ("not every rank loaded these files within "
                    f"{self.join_timeout:g} s ({settings.DIST_JOIN_VAR})" if not joined
                    else "ranks load different files" if not same else "another rank decided to read alone")
             return None, why
         if not posted:  # decided "share" by the others; this rank joined in time for them
-            posted = [store.get(key).decode(errors="replace") for key in keys]
+            posted = [_text(store, key) for key in keys]
         hosts = [value.split("\n", 1)[0] for value in posted]
         peers = [rank for rank in range(self.world) if hosts[rank] == self.host]
         return Share(self, prefix, peers.index(self.rank), len(peers), peers), ""
 
 
-def _decided(value) -> str:
-    return value.decode() if isinstance(value, (bytes, bytearray)) else str(value)
+def _text(store, key: str) -> str:
+    return store.get(key).decode(errors="replace")
 
 
 def peer_group() -> tuple[PeerGroup | None, str]:
@@ -154,7 +156,7 @@ def peer_group() -> tuple[PeerGroup | None, str]:
         rank = _int_env("RANK")
         store = _agent_store_client() if world and world > 1 and rank is not None else None
     if not world or world < 2:
-        return None, "not a multi-process job"
+        return None, NOT_A_JOB
     if store is None:
         return None, "no store to coordinate through (neither an initialised process group nor torchrun's agent store)"
     host = os.environ.get("FASTHUG_DIST_HOST") or socket.gethostname()

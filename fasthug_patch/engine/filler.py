@@ -35,6 +35,11 @@ def _buffer() -> memoryview:
     return _sink
 
 
+def spans(total: int, step: int) -> list[tuple[int, int]]:
+    """(start, length) pieces of at most ``step`` covering [0, total)."""
+    return [(start, min(step, total - start)) for start in range(0, total, step)]
+
+
 class FileFill:
     """The chunks of one file, each read once by some pool thread; waiters block on the
     chunks that cover the bytes they need."""
@@ -43,7 +48,7 @@ class FileFill:
         self.path = path
         self.size = size
         self.chunk_bytes = chunk_bytes
-        self.spans = [(start, min(chunk_bytes, size - start)) for start in range(0, size, chunk_bytes)]
+        self.spans = spans(size, chunk_bytes)
         self._done = [threading.Event() for _ in self.spans]
         self._errors: dict[int, BaseException] = {}
         self._fd: int | None = None

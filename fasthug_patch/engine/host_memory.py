@@ -27,6 +27,7 @@ transparent huge pages (mode "never"), or the setting off get plain torch.empty.
 from __future__ import annotations
 
 import functools
+import math
 import mmap
 
 from fasthug_patch import settings
@@ -60,11 +61,7 @@ def empty(shape, dtype):
     """An uninitialised CPU tensor of ``shape`` and ``dtype``, on huge pages when that helps."""
     import torch
 
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    numel = 1
-    for size in shape:
-        numel *= size
-    nbytes = numel * itemsize
+    nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
     if nbytes < MIN_BYTES or not huge_pages_usable():
         return torch.empty(shape, dtype=dtype)
     try:

@@ -33,7 +33,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 from fasthug_patch import settings
 from fasthug_patch.engine import devices, host_memory, residency
-from fasthug_patch.engine.filler import FileFill
+from fasthug_patch.engine.filler import FileFill, spans as _spans
 from fasthug_patch.engine.mapped import MappedFiles
 from fasthug_patch.engine.ring import shared_ring
 from fasthug_patch.engine.to_device import DeviceStreamer
@@ -138,7 +138,7 @@ class Materializer:
             return None
         self.share = share
         chunks = [(name, index, length) for name in names
-                  for index, (_, length) in enumerate(FileFill(name, sizes[name], self.chunk_bytes).spans)]
+                  for index, (_, length) in enumerate(_spans(sizes[name], self.chunk_bytes))]
         owned = ranks.owned_chunks(chunks, share.index, share.count)
         self.sharing = (f"shared: rank {peers.rank} read {len(owned)} of {len(chunks)} chunks "
                         f"as {share.index + 1} of {share.count} ranks on {peers.host}")
@@ -149,25 +149,18 @@ class Materializer:
         their chunks read, or fail every waiter with the DistributedLoadError."""
         from fasthug_patch.errors import DistributedLoadError
 
-        share, fills = self.share, [fill for fill in self._fills.values() if fill.shared]
-        error = None
-        for fill in fills:
-            for index in range(len(fill.spans)):
-                if (fill.path, index) in owned:
-                    error = error or fill.outcome(index)
-        share.post_done(error)
+        chunks = [(fill, index) for fill in self._fills.values() if fill.shared for index in range(len(fill.spans))]
+        theirs = [(fill, index) for fill, index in chunks if (fill.path, index) not in owned]
+        errors = [fill.outcome(index) for fill, index in chunks if (fill.path, index) in owned]
+        self.share.post_done(next((error for error in errors if error is not None), None))
         try:
-            share.wait_for_peers()
+            self.share.wait_for_peers()
         except DistributedLoadError as exc:
-            for fill in fills:
-                for index in range(len(fill.spans)):
-                    if (fill.path, index) not in owned:
-                        fill.cancel(index, exc)
+            for fill, index in theirs:
+                fill.cancel(index, exc)
             return
-        for fill in fills:
-            for index in range(len(fill.spans)):
-                if (fill.path, index) not in owned:
-                    fill.mark_read(index)
+        for fill, index in theirs:
+            fill.mark_read(index)
 
     def _choose(self, name: str, size: int, owned=None) -> None:
         cached = residency.resident_fraction(name) if self.io_mode == "auto" else None
@@ -371,10 +364,6 @@ class Materializer:
         self._pool.shutdown(wait=True, cancel_futures=cancel)
         for streamer in self._streamers.values():
             streamer.close()
-
-
-def _spans(total: int, step: int) -> list[tuple[int, int]]:
-    return [(start, min(step, total - start)) for start in range(0, total, step)]
 
 
 def _copy_span(dst_flat, src_flat, start: int, count: int) -> None:
