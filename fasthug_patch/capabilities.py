@@ -49,6 +49,7 @@ class Facts:
     model_module: str = ""
     device_kinds: frozenset[str] = frozenset()  # "cpu", "cuda", "disk", "auto", "meta", ...
     quantization: str | None = None  # quant method, when quantizing or pre-quantised
+    quant_library: str | None = None  # the bitsandbytes version, when quantization is bitsandbytes
     tensor_parallel: bool = False
     deepspeed_zero3: bool = False
     fsdp_low_mem: bool = False
@@ -66,7 +67,7 @@ class Facts:
 @dataclass(frozen=True)
 class Rule:
     key: str
-    stage: str  # "call" or "load"
+    stage: str  # "call", "load", or "call+load"
     condition: str  # for people: when this row applies
     when: Callable[[Facts], bool]
     reason: Callable[[Facts], str]
@@ -124,6 +125,23 @@ def _device_reason(f: Facts, also=frozenset()) -> str:
     return f"device_map places weights on {kinds}; the fast path covers CPU and CUDA targets"
 
 
+BNB = "bitsandbytes"
+# Lines whose adapter routes bitsandbytes loads (quantize ops, pre-quantised tensors).
+_QUANT_LINES = ("v5",)
+
+
+def _bnb_verified(version: str | None) -> bool:
+    from fasthug_patch import quant
+
+    return quant.bnb_verified(version)
+
+
+def _bnb_span() -> str:
+    from fasthug_patch import quant
+
+    return quant.verified_span()
+
+
 RULES: list[Rule] = [
     Rule(
         "no-adapter", "call", "transformers line without an adapter",
@@ -142,9 +160,22 @@ RULES: list[Rule] = [
         lambda f: f"{f.model_class} is remote code; its loading hooks are unknown to the fast path",
     ),
     Rule(
-        "quantized", "call", "quantization_config given or the checkpoint is pre-quantised",
-        lambda f: f.quantization is not None,
-        lambda f: f"quantization ({f.quantization}) loads through the stock loader",
+        "quant-method", "call+load", "a quantization method other than bitsandbytes",
+        lambda f: f.quantization not in (None, BNB),
+        lambda f: f"quantization ({f.quantization}) loads through the stock loader; the fast path quantises "
+        "with bitsandbytes only",
+    ),
+    Rule(
+        "bnb-line", "call+load", "bitsandbytes on a transformers line before 5.x",
+        lambda f: f.quantization == BNB and adapter_line(f.transformers_version) not in _QUANT_LINES,
+        lambda f: f"bitsandbytes loads through the stock loader on transformers {f.transformers_version}; "
+        "the fast path quantises on transformers 5.x",
+    ),
+    Rule(
+        "bnb-version", "call+load", "bitsandbytes missing, or a release the parity tests have not checked",
+        lambda f: f.quantization == BNB and not _bnb_verified(f.quant_library),
+        lambda f: f"bitsandbytes {f.quant_library or '(not installed)'} is not one the fast path was checked "
+        f"against ({_bnb_span()}); the stock loader quantises",
     ),
     Rule(
         "gguf", "call", "gguf_file given",
@@ -204,9 +235,10 @@ RULES: list[Rule] = [
         lambda f: f"weights in {f.weights_format} format load through the stock loader",
     ),
     Rule(
-        "load-quantizer", "load", "transformers chose a quantizer",
-        lambda f: f.quantization is not None,
-        lambda f: f"quantization ({f.quantization}) loads through the stock loader",
+        "load-bnb-device", "load", "bitsandbytes with weights placed on a GPU",
+        lambda f: f.quantization == BNB and bool(f.device_kinds - {"cpu"}),
+        lambda f: f"bitsandbytes on {sorted(f.device_kinds - {'cpu'})} loads through the stock loader; the fast "
+        "path's quantisation is checked on CPU targets only so far",
     ),
     Rule(
         "load-devices", "load", "the resolved device map uses a device other than CPU or (on 5.x) CUDA",
@@ -223,7 +255,7 @@ RULES: list[Rule] = [
 
 def decide(facts: Facts, stage: str) -> Decision:
     for rule in RULES:
-        if rule.stage == stage and rule.when(facts):
+        if stage in rule.stage.split("+") and rule.when(facts):
             return Decision(False, rule.reason(facts), rule.key)
     return Decision(True, "")
 

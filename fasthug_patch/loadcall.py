@@ -32,6 +32,7 @@ class LoadCall:
         self._materializer: Materializer | None = None
         self.device_map = None  # as given to from_pretrained
         self.casting = False  # a dtype was asked for
+        self.quantizing = False  # bitsandbytes quantises weights as they load
 
     @property
     def materializer(self) -> Materializer:

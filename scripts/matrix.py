@@ -64,6 +64,7 @@ RESULTS_DIR = ROOT / "docs" / "matrix"
 BASE_PACKAGES = [
     "numpy", "safetensors", "accelerate", "wrapt", "pytest", "hypothesis", "psutil", "tqdm",
     "matplotlib", "packaging", "pyyaml", "regex", "requests", "filelock", "sentencepiece", "protobuf",
+    "bitsandbytes==0.50.2",  # optional for users; the quantised-load tests need it
 ]
 TESTS = ["tests/test_sweep.py", "tests/test_activation.py"]
 

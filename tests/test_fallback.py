@@ -109,7 +109,7 @@ def test_fallback_result_identical_to_stock_for_declined_load(tiny, monkeypatch)
         (Facts(transformers_version=transformers.__version__, model_module="transformers_modules.x"), "remote-code"),
         (Facts(transformers_version="4.42.4", extra={}), "no-adapter"),
         (Facts(transformers_version="6.0.0"), "no-adapter"),
-        (Facts(transformers_version=transformers.__version__, quantization="gptq"), "quantized"),
+        (Facts(transformers_version=transformers.__version__, quantization="gptq"), "quant-method"),
         (Facts(transformers_version=transformers.__version__, gguf=True), "gguf"),
         (Facts(transformers_version=transformers.__version__, tensor_parallel=True), "tensor-parallel"),
         (Facts(transformers_version=transformers.__version__, deepspeed_zero3=True), "deepspeed-zero3"),

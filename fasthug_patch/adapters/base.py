@@ -117,7 +117,8 @@ class Adapter:
             model_class=getattr(cls, "__name__", str(cls)),
             model_module=getattr(cls, "__module__", "") or "",
             device_kinds=capabilities.device_kinds(kwargs.get("device_map")),
-            quantization=_quant_method(quant) or _quant_method(config_quant),
+            quantization=(method := _quant_method(quant) or _quant_method(config_quant)),
+            quant_library=quant_library(method),
             tensor_parallel=any(kwargs.get(k) is not None for k in ("tp_plan", "tp_size", "device_mesh"))
             or kwargs.get("distributed_config") is not None,
             deepspeed_zero3=self._deepspeed_zero3(),
@@ -148,6 +149,20 @@ class Adapter:
 
     def _parallel_shard_env(self) -> bool:
         return False
+
+
+def quant_library(method: str | None) -> str | None:
+    """The version of the library that quantises, for the rows that depend on it."""
+    if method != capabilities.BNB:
+        return None
+    from fasthug_patch import quant
+
+    return quant.bnb_version()
+
+
+def quant_method_of(quantizer) -> str | None:
+    """A transformers HfQuantizer's method, as the capability table names it."""
+    return _quant_method(quantizer.quantization_config) if quantizer is not None else None
 
 
 def _quant_method(config) -> str | None:

@@ -19,7 +19,7 @@ import functools
 import inspect
 
 from fasthug_patch import capabilities, loadcall
-from fasthug_patch.adapters.base import PatchTarget
+from fasthug_patch.adapters.base import PatchTarget, quant_library, quant_method_of
 from fasthug_patch.adapters.sources import check_bin_tensors
 from fasthug_patch.adapters.v4_legacy import V4LegacyAdapter
 from fasthug_patch.capabilities import Facts, version_tuple
@@ -67,7 +67,8 @@ class V4Adapter(V4LegacyAdapter):
         return Facts(
             transformers_version=self.version,
             device_kinds=capabilities.device_kinds(device_map),
-            quantization=str(quantizer.quantization_config.quant_method) if quantizer is not None else None,
+            quantization=(method := quant_method_of(quantizer)),
+            quant_library=quant_library(method),
             tensor_parallel=shard["device_mesh"] is not None,
             fsdp_low_mem=self._fsdp_low_mem(),
             weights_format="safetensors" if shard["shard_file"].endswith(".safetensors") else "bin",

@@ -17,7 +17,7 @@ import contextvars
 import sys
 
 from fasthug_patch import capabilities, loadcall
-from fasthug_patch.adapters.base import Adapter, PatchTarget
+from fasthug_patch.adapters.base import Adapter, PatchTarget, quant_library, quant_method_of
 from fasthug_patch.adapters.sources import MappedSource, check_bin_tensors
 from fasthug_patch.capabilities import Facts
 from fasthug_patch.entry import make_from_pretrained_wrapper
@@ -59,11 +59,16 @@ class V5Adapter(Adapter):
 
         call.entered_fast_internals = True
         token = _session.set(call)
+        quantizer = getattr(load_config, "hf_quantizer", None)
+        restore = _quantize_in_pieces(quantizer) if quantizer is not None and not quantizer.pre_quantized else None
+        call.quantizing = restore is not None
         try:
             with call.report.phase("load_weights"):
                 result = wrapped(model, sources, load_config, **rest)
         finally:
             _session.reset(token)
+            if restore is not None:
+                restore()
         call.index.check_unchanged()  # a file replaced after its header was read: redo stock
         call.fast_loads += 1
         return result
@@ -76,7 +81,12 @@ class V5Adapter(Adapter):
         if sharding_op is not None:
             raise FastPathError("sharded materialisation reached the fast path")
         source = tensor.ref if isinstance(tensor, MappedSource) else tensor
-        future = call.materializer.submit(source, dtype, device if device is not None else "cpu")
+        device = device if device is not None else "cpu"
+        if pool is None and call.quantizing and _needs_cast(source, dtype):
+            # Stock materialises on demand while it quantises, so that full-precision copies
+            # never pile up; a cast makes one, so it waits for its turn here too.
+            return lambda: call.materializer.submit(source, dtype, device).result()
+        future = call.materializer.submit(source, dtype, device)
         # Stock returns a Future with its pool and a deferred callable without one.
         return future if pool is not None else future.result
 
@@ -87,7 +97,8 @@ class V5Adapter(Adapter):
         return Facts(
             transformers_version=self.version,
             device_kinds=capabilities.device_kinds(getattr(load_config, "device_map", None)),
-            quantization=str(quantizer.quantization_config.quant_method) if quantizer is not None else None,
+            quantization=(method := quant_method_of(quantizer)),
+            quant_library=quant_library(method),
             tensor_parallel=getattr(load_config, "device_mesh", None) is not None,
             weights_format=_weights_format(files),
         )
@@ -112,6 +123,38 @@ class V5Adapter(Adapter):
             sources[name] = MappedSource(ref, call.materializer)
         call.report.files = [str(f) for f in files]
         return sources
+
+
+def _quantize_in_pieces(quantizer):
+    """Has the quantize ops ``quantizer`` hands out for this load run bitsandbytes' kernels
+    in parallel pieces (quant.py); returns the undo. The override sits on this load's own
+    quantizer instance, so no other load sees it."""
+    from fasthug_patch import quant
+
+    stock = quantizer.get_quantize_ops
+    had_own = "get_quantize_ops" in vars(quantizer)
+
+    def get_quantize_ops():
+        op = stock()
+        op.convert = quant.with_chunked_kernels(op.convert)  # on the instance: the class (and its name in errors) stay stock's
+        return op
+
+    quantizer.get_quantize_ops = get_quantize_ops
+
+    def restore():
+        if had_own:
+            quantizer.get_quantize_ops = stock
+        else:
+            del quantizer.get_quantize_ops
+
+    return restore
+
+
+def _needs_cast(source, dtype) -> bool:
+    if dtype is None:
+        return False
+    have = source.torch_dtype() if hasattr(source, "torch_dtype") else getattr(source, "dtype", None)
+    return have != dtype
 
 
 def _weights_format(files) -> str | None:

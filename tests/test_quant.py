@@ -1,0 +1,280 @@
+"""bitsandbytes through the fast path: the piecewise kernels against the whole ops, and
+whole loads (8-bit, 4-bit nf4/fp4, double quant, storage dtypes, skip modules) against stock."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers
+
+import fasthug_patch
+from fasthug_patch import capabilities, quant
+from fasthug_patch.capabilities import Facts
+from tests.parity import assert_same_pair, dtype_kwargs, load_pair
+from tests.tiny import tiny_llama_config
+
+bnb = pytest.importorskip("bitsandbytes")
+IS_V5 = capabilities.adapter_line(transformers.__version__) == "v5"
+needs_v5 = pytest.mark.skipif(not IS_V5, reason="the fast path quantises on transformers 5.x")
+needs_verified_bnb = pytest.mark.skipif(not quant.bnb_verified(quant.bnb_version()),
+                                        reason=f"bitsandbytes {quant.bnb_version()} is not a verified release")
+
+
+@pytest.fixture()
+def small_pieces(monkeypatch):
+    """Pieces of 256 elements, so that small tensors are split too; counts the pieces run."""
+    monkeypatch.setattr(quant, "INT8_PIECE_ELEMENTS", 256)
+    monkeypatch.setattr(quant, "FOUR_BIT_PIECE_ELEMENTS", 256)
+    counts = {"pieces": 0, "fast_4bit": 0}
+    run_pieces, piece_4bit = quant._run_pieces, quant._4bit_piece
+
+    def counting_run(job, starts):
+        starts = list(starts)
+        counts["pieces"] += len(starts)
+        return run_pieces(job, starts)
+
+    def counting_4bit(*args):
+        result = piece_4bit(*args)
+        counts["fast_4bit"] += result is not None
+        return result
+
+    monkeypatch.setattr(quant, "_run_pieces", counting_run)
+    monkeypatch.setattr(quant, "_4bit_piece", counting_4bit)
+    return counts
+
+
+def _awkward(shape, dtype, seed=0) -> torch.Tensor:
+    """Random weights with the values that break sloppy kernels: all-zero rows and blocks,
+    values exactly on the 4-bit bucket bounds and at +-absmax, subnormals, signed zeros."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(shape, generator=g) * 0.02
+    flat = w.view(-1)
+    flat[: shape[-1]] = 0.0  # a zero row (and zero 4-bit blocks)
+    flat[shape[-1] : shape[-1] + 64] = -0.0
+    nf4_code = bnb.functional.get_4bit_type("nf4", device="cpu")
+    mids = (nf4_code[1:] + nf4_code[:-1]) / 2
+    flat[200 : 200 + mids.numel()] = mids * 0.5  # on the bounds once scaled by an absmax of 0.5
+    flat[199] = 0.5
+    flat[300:310] = 1e-41  # subnormal in fp32
+    return w.to(dtype)
+
+
+def _state_tensors(state) -> dict:
+    out = {}
+    for key, value in state.as_dict(packed=False).items():
+        out[key] = value
+    return out
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape and torch.equal(
+            a.view(torch.uint8) if a.dtype.is_floating_point and a.dim() else a,
+            b.view(torch.uint8) if b.dtype.is_floating_point and b.dim() else b) and (
+            a.dim() or torch.equal(a, b) or (torch.isnan(a) & torch.isnan(b)).all())
+    return a == b
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("storage", [torch.uint8, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("double", [False, True])
+def test_4bit_pieces_equal_the_whole_op(small_pieces, dtype, quant_type, storage, double):
+    for shape in [(48, 96), (33, 64), (7, 1000)]:  # whole blocks; a partial last block; odd rows
+        w = _awkward(shape, dtype)
+        kwargs = dict(blocksize=64, compress_statistics=double, quant_type=quant_type, quant_storage=storage)
+        whole, whole_state = bnb.functional.quantize_4bit(w, **kwargs)
+        with quant.chunked_kernels():
+            pieces, pieces_state = bnb.functional.quantize_4bit(w, **kwargs)
+        assert _same(whole, pieces), (shape, "packed data")
+        a, b = _state_tensors(whole_state), _state_tensors(pieces_state)
+        assert a.keys() == b.keys()
+        for key in a:
+            assert _same(a[key], b[key]), (shape, key)
+    assert small_pieces["pieces"] > 0 and small_pieces["fast_4bit"] > 0  # the piecewise kernel ran
+
+
+@pytest.mark.parametrize("blocksize", [32, 128, 256, 4096])
+def test_4bit_pieces_for_every_blocksize(small_pieces, blocksize):
+    w = _awkward((64, 512), torch.bfloat16, seed=blocksize)
+    whole = torch.ops.bitsandbytes.quantize_4bit.default(w, blocksize, "nf4", torch.uint8)
+    with quant.chunked_kernels():
+        pieces = torch.ops.bitsandbytes.quantize_4bit.default(w, blocksize, "nf4", torch.uint8)
+    assert torch.equal(whole[0], pieces[0]) and torch.equal(whole[1], pieces[1])
+
+
+def test_4bit_nan_and_inf_blocks_go_to_the_op(small_pieces):
+    """NaN compares false with every bound, where bucketize puts it last: such a piece is
+    left to the op, and the result is still the whole op's."""
+    w = _awkward((64, 256), torch.float32)
+    w[3, 5], w[40, 7] = float("nan"), float("inf")
+    whole = torch.ops.bitsandbytes.quantize_4bit.default(w, 64, "nf4", torch.uint8)
+    with quant.chunked_kernels():
+        pieces = torch.ops.bitsandbytes.quantize_4bit.default(w, 64, "nf4", torch.uint8)
+    assert torch.equal(whole[0], pieces[0])
+    assert torch.equal(whole[1].nan_to_num(), pieces[1].nan_to_num())
+    assert small_pieces["fast_4bit"] > 0  # the clean pieces still took the fast kernel
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("shape", [(64, 32), (37, 96), (512, 8)])
+def test_int8_pieces_equal_the_whole_op(small_pieces, dtype, shape):
+    w = _awkward(shape, dtype)
+    whole = bnb.nn.Int8Params(w.clone(), requires_grad=False).to("cpu")
+    with quant.chunked_kernels():
+        pieces = bnb.nn.Int8Params(w.clone(), requires_grad=False).to("cpu")
+    assert torch.equal(whole.data, pieces.data) and torch.equal(whole.CB, pieces.CB)
+    assert torch.equal(whole.SCB, pieces.SCB) and pieces.data.data_ptr() == pieces.CB.data_ptr()
+    assert small_pieces["pieces"] > 0
+
+
+def test_int8_with_an_outlier_threshold_is_left_whole(small_pieces):
+    w = _awkward((64, 64), torch.float16)
+    w[5, 9] = 9.0
+    whole = torch.ops.bitsandbytes.int8_vectorwise_quant.default(w.clone(), 6.0)
+    with quant.chunked_kernels():
+        pieces = torch.ops.bitsandbytes.int8_vectorwise_quant.default(w.clone(), 6.0)
+    assert all(torch.equal(a, b) for a, b in zip(whole, pieces))
+    assert small_pieces["pieces"] == 0  # looks across rows: never split
+
+
+def test_a_failing_piece_runs_the_whole_op(small_pieces, monkeypatch):
+    def broken(*args):
+        raise RuntimeError("simulated piece failure")
+
+    monkeypatch.setattr(quant, "_4bit_piece", broken)
+    w = _awkward((64, 256), torch.bfloat16)
+    whole = torch.ops.bitsandbytes.quantize_4bit.default(w, 64, "nf4", torch.uint8)
+    with quant.chunked_kernels():
+        pieces = torch.ops.bitsandbytes.quantize_4bit.default(w, 64, "nf4", torch.uint8)
+    assert torch.equal(whole[0], pieces[0]) and torch.equal(whole[1], pieces[1])
+
+
+def test_the_mode_is_thread_local():
+    import threading
+
+    seen = []
+    with quant.chunked_kernels():
+        thread = threading.Thread(target=lambda: seen.append(torch._C._get_dispatch_mode_stack_len()
+                                                             if hasattr(torch._C, "_get_dispatch_mode_stack_len")
+                                                             else len(torch.utils._python_dispatch._get_current_dispatch_mode_stack())))
+        thread.start()
+        thread.join()
+    assert seen == [0]
+
+
+# -- whole loads -------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def llama_bf16(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("bnb") / "llama")
+    torch.manual_seed(0)
+    config = tiny_llama_config(hidden_size=64, intermediate_size=192, num_attention_heads=4, num_key_value_heads=2)
+    model = transformers.AutoModelForCausalLM.from_config(config, **dtype_kwargs(torch.bfloat16))
+    model.save_pretrained(path)
+    return path
+
+
+def _bnb_attributes(model) -> dict:
+    """What state_dict() leaves out of a quantised parameter."""
+    out = {}
+    for name, param in model.named_parameters():
+        if isinstance(param, bnb.nn.Params4bit):
+            out[name] = (param.blocksize, param.quant_type, param.quant_storage, param.compress_statistics,
+                         param.bnb_quantized, sorted(_state_tensors(param.quant_state)))
+        elif isinstance(param, bnb.nn.Int8Params):
+            cb, scb = param.CB, param.SCB
+            out[name] = (param.has_fp16_weights, None if cb is None else cb.data_ptr() == param.data.data_ptr(),
+                         None if scb is None else (scb.dtype, tuple(scb.shape)))
+    return out
+
+
+CONFIGS = {
+    "int8": dict(load_in_8bit=True),
+    "int8-skip": dict(load_in_8bit=True, llm_int8_skip_modules=["o_proj"], llm_int8_threshold=4.0),
+    "nf4": dict(load_in_4bit=True, bnb_4bit_quant_type="nf4"),
+    "nf4-double-bf16": dict(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                            bnb_4bit_compute_dtype=torch.bfloat16),
+    "fp4-storage": dict(load_in_4bit=True, bnb_4bit_quant_type="fp4", bnb_4bit_quant_storage=torch.bfloat16),
+}
+
+
+@needs_v5
+@needs_verified_bnb
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_quantised_load_matches_stock(llama_bf16, small_pieces, name):
+    config = transformers.BitsAndBytesConfig(**CONFIGS[name])
+    pair = load_pair(transformers.AutoModelForCausalLM, llama_bf16, quantization_config=config, device_map="cpu")
+    assert pair.report is not None and pair.report.path == "fast", pair.report
+    assert small_pieces["pieces"] > 0  # quantised in pieces, not by the whole op
+    inputs = {"input_ids": torch.arange(12).view(1, 12) % 128}
+    assert_same_pair(pair, inputs, context=name)
+    assert _bnb_attributes(pair.stock) == _bnb_attributes(pair.fast)
+    assert _bnb_attributes(pair.fast), "nothing was quantised"
+
+
+@needs_v5
+@needs_verified_bnb
+def test_quantised_load_with_a_cast(llama_bf16, small_pieces):
+    """dtype=float16 over a bf16 checkpoint: the quantised weights are cast on demand."""
+    config = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4")
+    pair = load_pair(transformers.AutoModelForCausalLM, llama_bf16, quantization_config=config, device_map="cpu",
+                     **dtype_kwargs(torch.float16))
+    assert pair.report.path == "fast"
+    assert_same_pair(pair, {"input_ids": torch.arange(8).view(1, 8)}, context="nf4 fp16")
+
+
+@needs_v5
+@needs_verified_bnb
+def test_quantised_checkpoint_loads_as_stock(llama_bf16, tmp_path):
+    """save_pretrained of a quantised model, loaded again: weights, SCB and quant_state placed
+    as they are, no re-quantisation."""
+    for name in ("int8", "nf4-double-bf16"):
+        config = transformers.BitsAndBytesConfig(**CONFIGS[name])
+        with fasthug_patch.disabled():
+            model = transformers.AutoModelForCausalLM.from_pretrained(llama_bf16, quantization_config=config,
+                                                                      device_map="cpu")
+        saved = str(tmp_path / name)
+        model.save_pretrained(saved)
+        pair = load_pair(transformers.AutoModelForCausalLM, saved, device_map="cpu")
+        assert pair.report.path == "fast", pair.report
+        assert_same_pair(pair, {"input_ids": torch.arange(8).view(1, 8)}, context=f"pre-quantised {name}")
+        assert _bnb_attributes(pair.stock) == _bnb_attributes(pair.fast)
+
+
+# -- the capability table ----------------------------------------------------------------------
+
+def _facts(**kw) -> Facts:
+    return Facts(transformers_version=transformers.__version__, device_kinds=frozenset({"cpu"}), **kw)
+
+
+@pytest.mark.parametrize("stage", ["call", "load"])
+def test_other_quantizers_run_stock_with_the_reason(stage):
+    decision = capabilities.decide(_facts(quantization="gptq"), stage)
+    assert not decision.fast and decision.rule == "quant-method" and "gptq" in decision.reason
+
+
+def test_unverified_bitsandbytes_runs_stock():
+    decision = capabilities.decide(_facts(quantization="bitsandbytes", quant_library="0.42.0"), "call")
+    assert not decision.fast and "0.42.0" in decision.reason
+    missing = capabilities.decide(_facts(quantization="bitsandbytes", quant_library=None), "load")
+    assert not missing.fast and "not installed" in missing.reason
+
+
+def test_bitsandbytes_on_a_gpu_runs_stock():
+    facts = Facts(transformers_version="5.23.0", quantization="bitsandbytes", quant_library="0.50.2",
+                  device_kinds=frozenset({"cuda"}))
+    decision = capabilities.decide(facts, "load")
+    assert not decision.fast and decision.rule == "load-bnb-device"
+
+
+def test_bitsandbytes_before_5x_runs_stock():
+    facts = Facts(transformers_version="4.57.6", quantization="bitsandbytes", quant_library="0.50.2",
+                  device_kinds=frozenset({"cpu"}))
+    assert capabilities.decide(facts, "call").rule == "bnb-line"
+
+
+def test_verified_bitsandbytes_on_cpu_is_fast():
+    facts = Facts(transformers_version="5.23.0", quantization="bitsandbytes", quant_library="0.50.2",
+                  device_kinds=frozenset({"cpu"}))
+    assert capabilities.decide(facts, "call").fast and capabilities.decide(facts, "load").fast
