@@ -37,7 +37,7 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--plot", metavar="FILE", help="bar chart of the medians (needs matplotlib)")
     q = b.add_mutually_exclusive_group()
     q.add_argument("--load-in-8bit", action="store_true", help="bitsandbytes 8-bit quantization_config")
-    q.add_argument("--load-in-4bit", action="store_true", help="bitsandbytes 4-bit quantization_config")
+    q.add_argument("--load-in-4bit", action="store_true", help="bitsandbytes 4-bit (nf4) quantization_config")
     b.add_argument("--forward", action="store_true", help="also time the first forward pass")
     b.add_argument("--no-ceilings", dest="ceilings", action="store_false",
                    help="skip measuring memory / page-cache / disk bandwidth ceilings")

@@ -156,6 +156,20 @@ def test_weights_digest_in_process():
     assert trial.touch_pages(b) == 4 * 16
 
 
+def test_prequantised_checkpoints_are_recognised_from_their_config():
+    """A saved bitsandbytes model's config carries quantization_config as a dict (read back)
+    or an object (in memory); either makes the trial import bitsandbytes before the timer."""
+    import types
+
+    import transformers
+
+    assert trial._prequantised_with_bnb(types.SimpleNamespace(quantization_config={"quant_method": "bitsandbytes"}))
+    assert trial._prequantised_with_bnb(types.SimpleNamespace(
+        quantization_config=transformers.BitsAndBytesConfig(load_in_8bit=True)))
+    assert not trial._prequantised_with_bnb(types.SimpleNamespace(quantization_config={"quant_method": "gptq"}))
+    assert not trial._prequantised_with_bnb(transformers.LlamaConfig())
+
+
 def test_dtype_kwargs():
     import torch
 

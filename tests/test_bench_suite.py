@@ -20,13 +20,17 @@ def _scenario(key):
 
 def test_every_issue_scenario_is_listed():
     keys = {s.key for s in suite.SCENARIOS}
-    assert {"S1", "S2", "S3", "S4-int8", "S4-nf4", "S5", "S6"} <= keys
+    assert {"S1", "S2", "S3", "S4-int8", "S4-nf4", "S5-int8", "S5-nf4", "S6"} <= keys
 
 
 @pytest.mark.parametrize("key,info,size,skipped", [
     ("S1", CPU_5, "1b", False),
     ("S6", CPU_5, "1b", True),  # no GPU
-    ("S4-nf4", CPU_457, "1b", True),
+    ("S4-nf4", CPU_457, "1b", True),  # on the fly is stock on 4.x
+    ("S4-nf4", dict(CPU_5, bitsandbytes=True), "1b", False),
+    ("S4-nf4", dict(CPU_5, bitsandbytes=False), "1b", True),
+    ("S5-int8", dict(CPU_457, bitsandbytes=True), "1b", False),  # against stock 4.57
+    ("S5-int8", dict(CPU_5, bitsandbytes=True), "3b", True),  # 1b only
     ("D4", CPU_5, "1b", True),  # 5.x has no fp32 default
     ("D4", CPU_457, "1b", False),
     ("S3", CPU_457, "3b", True),  # a 12 GB fp32 checkpoint
@@ -104,6 +108,15 @@ def test_benchmarks_page_is_what_the_suite_renders_from_the_stored_results():
         pytest.skip("no stored results in this checkout")
     with open(os.path.join(root, suite.DOC)) as f:
         assert f.read() == suite.render(root), "run `python bench/suite.py render` and commit the page"
+
+
+def test_stored_results_are_of_scenarios_the_suite_defines():
+    """A result left behind by a renamed or removed scenario would be rendered as if current."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    keys = {s.key for s in suite.SCENARIOS}
+    stale = [f"{r['_version_dir']}/{r['scenario']}-{r['size']}" for r in suite.load_results(root)
+             if r["scenario"] not in keys]
+    assert not stale, f"delete these results or define their scenarios: {stale}"
 
 
 @pytest.mark.parametrize("kind", ["cold", "cast"])

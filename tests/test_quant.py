@@ -255,9 +255,13 @@ def test_other_quantizers_run_stock_with_the_reason(stage):
 
 
 def test_unverified_bitsandbytes_runs_stock():
-    decision = capabilities.decide(_facts(quantization="bitsandbytes", quant_library="0.42.0"), "call")
-    assert not decision.fast and "0.42.0" in decision.reason
-    missing = capabilities.decide(_facts(quantization="bitsandbytes", quant_library=None), "load")
+    # on the 5.x line, where bitsandbytes would otherwise be fast (4.x stops earlier, at bnb-line)
+    def facts(library):
+        return Facts(transformers_version="5.23.0", quantization="bitsandbytes", quant_library=library,
+                     device_kinds=frozenset({"cpu"}))
+    decision = capabilities.decide(facts("0.42.0"), "call")
+    assert not decision.fast and decision.rule == "bnb-version" and "0.42.0" in decision.reason
+    missing = capabilities.decide(facts(None), "load")
     assert not missing.fast and "not installed" in missing.reason
 
 

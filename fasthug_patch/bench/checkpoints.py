@@ -15,6 +15,8 @@ import contextlib
 import json
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 import time
 
@@ -260,3 +262,40 @@ def resolve_local(model_or_path) -> str | None:
         return snapshot_download(text, local_files_only=True)
     except Exception:
         return None
+
+
+_BNB_MARKER = "fasthug_bnb.json"
+
+
+def quantized_checkpoint(source: str, quant: str, python: str = sys.executable, progress: bool = True) -> str:
+    """``source`` quantised by stock transformers + bitsandbytes (``quant``: "8bit" or
+    "4bit" = nf4) on the CPU and written with ``save_pretrained`` beside it, once, by
+    ``python`` (so by the transformers line that will read it)."""
+    from fasthug_patch.bench.trial import BNB_SETTINGS
+
+    out_dir = f"{source.rstrip(os.sep)}-bnb-{quant}"
+    want = {"source": source, "settings": BNB_SETTINGS[quant]}
+    marker = os.path.join(out_dir, _BNB_MARKER)
+    with _file_lock(out_dir + ".lock"):
+        try:
+            with open(marker) as f:
+                if {k: v for k, v in json.load(f).items() if k in want} == want:
+                    return out_dir
+        except (OSError, ValueError):
+            pass
+        if progress:
+            print(f"fasthug_patch: quantising {source} ({quant}) into {out_dir} ...", flush=True)
+        code = (
+            "import json, sys, transformers\n"
+            "source, out, settings = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])\n"
+            "config = transformers.BitsAndBytesConfig(**settings)\n"
+            "model = transformers.AutoModelForCausalLM.from_pretrained(source, quantization_config=config, "
+            "device_map='cpu')\n"
+            "model.save_pretrained(out)\n"
+            "json.dump({'source': source, 'settings': settings, 'built_with_transformers': "
+            "transformers.__version__}, open(out + '/" + _BNB_MARKER + "', 'w'))\n"
+        )
+        shutil.rmtree(out_dir, ignore_errors=True)
+        env = {k: v for k, v in os.environ.items() if not k.startswith("FASTHUG_")}  # stock, unpatched
+        subprocess.run([python, "-c", code, source, out_dir, json.dumps(BNB_SETTINGS[quant])], check=True, env=env)
+    return out_dir

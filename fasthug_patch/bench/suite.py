@@ -37,6 +37,7 @@ class Scenario:
     device: str = "cpu"
     needs: str | None = None  # "cuda" or "bitsandbytes"
     checkpoint_size: str | None = None  # instead of the size being run (one size only)
+    prequantized: str | None = None  # load a save_pretrained of the checkpoint quantised so ("8bit", "4bit")
 
 
 SCENARIOS = (
@@ -47,9 +48,16 @@ SCENARIOS = (
     Scenario("D4", "4.x's default: bf16 checkpoint, no dtype argument (fp32 model), warm", "bf16"),
     Scenario("F1", "tied-embedding 1b (the layout fasthug 0.0.6 loads), no dtype argument, warm", "bf16",
              checkpoint_size="1b-tied"),
-    Scenario("S4-int8", "bitsandbytes int8 on the fly", "bf16", quant="8bit", device="cuda", needs="cuda"),
-    Scenario("S4-nf4", "bitsandbytes nf4 on the fly", "bf16", quant="4bit", device="cuda", needs="cuda"),
-    Scenario("S5", "pre-quantised checkpoint", "bf16", device="cuda", needs="cuda"),
+    Scenario("S4-int8", "bitsandbytes int8 on the fly (bf16 checkpoint, CPU)", "bf16", quant="8bit",
+             needs="bitsandbytes"),
+    Scenario("S4-nf4", "bitsandbytes nf4 on the fly (bf16 checkpoint, CPU)", "bf16", quant="4bit",
+             needs="bitsandbytes"),
+    Scenario("S5-int8", "pre-quantised int8 checkpoint (save_pretrained of S4-int8's model), CPU", "bf16",
+             prequantized="8bit", needs="bitsandbytes"),
+    Scenario("S5-nf4", "pre-quantised nf4 checkpoint (save_pretrained of S4-nf4's model), CPU", "bf16",
+             prequantized="4bit", needs="bitsandbytes"),
+    Scenario("S4g-int8", "bitsandbytes int8 on the fly, GPU", "bf16", quant="8bit", device="cuda", needs="cuda"),
+    Scenario("S4g-nf4", "bitsandbytes nf4 on the fly, GPU", "bf16", quant="4bit", device="cuda", needs="cuda"),
     Scenario("S6", 'device_map="cuda", warm page cache', "bf16", dtype="bf16", device="cuda", needs="cuda"),
     Scenario("S6c", 'device_map="cuda", cold page cache', "bf16", cold=True, dtype="bf16", device="cuda",
              needs="cuda"),
@@ -67,7 +75,8 @@ def python_info(python: str) -> dict:
     """transformers version of ``python``, and whether it has CUDA and fasthug 0.0.6."""
     code = ("import json, importlib.util, transformers, torch; print(json.dumps({'transformers': "
             "transformers.__version__, 'cuda': torch.cuda.is_available(), "
-            "'fasthug': importlib.util.find_spec('fasthug') is not None}))")
+            "'fasthug': importlib.util.find_spec('fasthug') is not None, "
+            "'bitsandbytes': importlib.util.find_spec('bitsandbytes') is not None}))")
     out = subprocess.run([python, "-c", code], capture_output=True, text=True, check=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
@@ -75,6 +84,12 @@ def python_info(python: str) -> dict:
 def skip_reason(scenario: Scenario, info: dict, size: str) -> str | None:
     if scenario.needs == "cuda" and not info["cuda"]:
         return "needs a CUDA GPU; none on this machine"
+    if scenario.needs == "bitsandbytes" and not info.get("bitsandbytes"):
+        return "needs bitsandbytes, not installed for this interpreter"
+    if scenario.quant and info["transformers"].startswith("4."):
+        return "the fast path quantises on the fly on 5.x only: both columns would be stock"
+    if (scenario.quant or scenario.prequantized) and size != "1b":
+        return "quantised scenarios run at 1b"
     if scenario.key in ("D4", "F1") and not info["transformers"].startswith("4."):
         return "5.x has no fp32 default" if scenario.key == "D4" else "fasthug 0.0.6 runs beside 4.57 only"
     if scenario.checkpoint_size and size != "1b":
@@ -103,6 +118,8 @@ def run(pythons, sizes, scenario_keys, n: int, warmup: int, root: str) -> None:
                 built = scenario.checkpoint_size or size
                 path = checkpoints.cached_checkpoint("llama", built, scenario.checkpoint_dtype,
                                                      shard_size=checkpoints.DEFAULT_SHARD.get(built))
+                if scenario.prequantized:
+                    path = checkpoints.quantized_checkpoint(path, scenario.prequantized, python=python)
                 modes = ("stock", "patched")
                 if info["fasthug"] and info["transformers"].startswith("4.") and scenario.dtype == "default":
                     modes += ("fasthug",)  # 0.0.6 takes no dtype argument
@@ -244,8 +261,13 @@ def render(root: str) -> str:
               "building the model, which the ceiling does not.",
               "- Peak RSS counts mapped checkpoint pages; a zero-copy load holds the checkpoint's bytes, a cast "
               "load should hold only the result's.",
-              "- GPU scenarios (S4–S6) need a CUDA machine; what was measured on a lent H100 so far, by hand-run "
-              "commands, is in [gpu.md](gpu.md).",
+              "- GPU scenarios (S4g-*, S6*) need a CUDA machine; what was measured on a lent H100 so far, by "
+              "hand-run commands, is in [gpu.md](gpu.md).",
+              "- Quantised scenarios (S4-*, S5-*) import bitsandbytes before the timer on both sides (0.5-0.8 s "
+              "here, mostly its torch.compile wrappers importing inductor), as every trial does with torch, "
+              "transformers and the modeling module. On 4.57 a pre-quantised checkpoint goes through stock's "
+              "loading internals (the `bnb-line` rule), but inside the wrapper, which keeps the garbage "
+              "collector paused for the load: that pause is the patched column's whole lead there.",
               "- fasthug 0.0.6 loads the checkpoint's own dtype whatever transformers' default; in the default "
               "(no dtype) scenario on 4.57 that is bf16 where stock gives fp32, so its model is not stock's.",
               ""]

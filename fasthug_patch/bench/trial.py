@@ -3,8 +3,10 @@
     python -m fasthug_patch.bench.trial --mode stock|patched --path P
         [--dtype bf16|fp16|fp32|auto|default] [--device cpu|cuda] [--forward] [--quant 8bit|4bit]
 
-Not timed: importing torch, transformers, the model's modeling module (and, in patched
-mode, fasthug_patch). Timed: ``from_pretrained`` alone, and "time to ready" =
+Not timed: importing torch, transformers, the model's modeling module, bitsandbytes and
+transformers' integration of it when the load is quantised (0.5-0.8 s on the reference VM,
+mostly bnb's torch.compile wrappers pulling in inductor; the same cost on both sides, paid
+inside the first quantised load otherwise), and, in patched mode, fasthug_patch. Timed: ``from_pretrained`` alone, and "time to ready" =
 ``from_pretrained`` + every weight page resident (one byte read per 4096-byte page of
 every parameter's and buffer's storage). Optionally the first forward pass on a fixed
 small input. Also reported: peak RSS, weight bytes, a sha256 digest of every weight
@@ -29,6 +31,12 @@ import sys
 import time
 
 PAGE = 4096
+# bitsandbytes settings of --quant (and of the suite's pre-quantised checkpoints). Here, not
+# in checkpoints.py: a stock trial must not import the fasthug_patch package.
+BNB_SETTINGS = {
+    "8bit": {"load_in_8bit": True},
+    "4bit": {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4"},
+}
 FORWARD_TOKENS = 16
 
 
@@ -210,6 +218,13 @@ def _status_kb(field: str) -> int:
 # --------------------------------------------------------------------------- the trial
 
 
+def _prequantised_with_bnb(config) -> bool:
+    """Whether the checkpoint's config says it was saved quantised by bitsandbytes."""
+    quant = getattr(config, "quantization_config", None)
+    method = quant.get("quant_method") if isinstance(quant, dict) else getattr(quant, "quant_method", None)
+    return str(getattr(method, "value", method)) == "bitsandbytes"
+
+
 def run_trial(args) -> dict:
     began_imports = time.perf_counter()
     fasthug = None
@@ -233,6 +248,10 @@ def run_trial(args) -> dict:
     importlib.import_module(cls.__module__)  # the modeling module: imported, not timed
     import transformers.modeling_utils  # noqa: F401
 
+    if args.quant or _prequantised_with_bnb(config):
+        import bitsandbytes  # noqa: F401 - an import like the modeling module's: not timed
+        import transformers.integrations.bitsandbytes  # noqa: F401
+
     kwargs = dtype_kwargs(args.dtype, transformers.__version__)
     # "cpu+cuda": load to the CPU, then model.cuda() (timed as part of the load)
     move_after = args.device.split("+", 1)[1] if "+" in args.device else None
@@ -242,8 +261,8 @@ def run_trial(args) -> dict:
     if args.quant:
         from transformers import BitsAndBytesConfig
 
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_8bit=args.quant == "8bit", load_in_4bit=args.quant == "4bit")
+        kwargs["quantization_config"] = BitsAndBytesConfig(**BNB_SETTINGS[args.quant])
+        kwargs.setdefault("device_map", args.device)  # bitsandbytes picks a GPU when none is named
     import_s = time.perf_counter() - began_imports
     rss_before = rss_bytes()
 
@@ -351,7 +370,7 @@ def parse_args(argv=None):
     p.add_argument("--dtype", default="default", help="bf16|fp16|fp32|auto|default (default: no dtype kwarg)")
     p.add_argument("--device", default="cpu", help="cpu, cuda[:N] (device_map), or cpu+cuda (load, then .to)")
     p.add_argument("--forward", action="store_true", help="also time a first forward pass")
-    p.add_argument("--quant", choices=("8bit", "4bit"), default=None, help="bitsandbytes quantization_config")
+    p.add_argument("--quant", choices=("8bit", "4bit"), default=None, help="bitsandbytes quantization_config (4bit: nf4)")
     return p.parse_args(argv)
 
 
