@@ -85,6 +85,20 @@ def test_render_reads_every_result_and_says_what_was_skipped(tmp_path):
     assert "bench S2" in page  # the command to rerun it
 
 
+def test_rows_from_different_machines_are_labelled(tmp_path):
+    root = str(tmp_path)
+    _write(root, "5.23.0", "S1-1b.json", _result("S1", "1b", 0.30, 0.25))
+    page = suite.render(root)
+    assert "Machine: " in page and "[A]" not in page
+    other = _result("S2", "1b", 2.0, 1.25, cold=True)
+    other["machine"] = {**other["machine"], "cpu": "Some Other CPU"}
+    _write(root, "5.23.0", "S2-1b.json", other)
+    page = suite.render(root)
+    assert "more than one machine" in page and "[B] Some Other CPU" in page
+    row = next(line for line in page.splitlines() if line.startswith("| S2 "))
+    assert "[B]" in row
+
+
 def test_ceiling_fraction_needs_all_inputs():
     assert suite.ceiling_fraction(_result("S1", "1b", 1.0, 1.0)) is None
     warm = _result("S1", "1b", 1.0, 0.5, ceilings={"memcpy_gbps": 4.4})

@@ -188,6 +188,27 @@ def _portable(command: str) -> str:
     return re.sub(r"\S*/(\.matrix/\S+)", r"\1", command)  # scripts/matrix.py's environments
 
 
+def describe_machine(machine: dict) -> str:
+    """The parts of a result's machine record that make its numbers comparable with another's."""
+    return (f"{machine.get('cpu')}, {machine.get('cores')} cores, {(machine.get('ram_bytes') or 0) / 2**30:.0f} GiB "
+            f"RAM, Linux {machine.get('kernel')}, torch {machine.get('torch')}")
+
+
+def machine_labels(results: list[dict]) -> dict[str, str]:
+    """Each distinct machine among the measured results -> a short label (A, B, ...), in the
+    order first met: rows from different machines must not read as one run."""
+    labels: dict[str, str] = {}
+    for r in results:
+        if r.get("machine") and not r.get("skipped"):
+            labels.setdefault(describe_machine(r["machine"]), chr(ord("A") + len(labels)))
+    return labels
+
+
+def _measured(results: list[dict]) -> str:
+    days = sorted(r["started"] for r in results if r.get("started") and not r.get("skipped"))
+    return days[0] if len(days) < 2 else f"{days[0]} to {days[-1]}"
+
+
 def render(root: str) -> str:
     results = load_results(root)
     lines = ["# Benchmarks", "",
@@ -206,11 +227,13 @@ def render(root: str) -> str:
     by_version: dict[str, list[dict]] = {}
     for r in results:
         by_version.setdefault(r["_version_dir"], []).append(r)
-    machine = next((r.get("machine") for r in results if r.get("machine")), None)
-    if machine:
-        lines += [f"Machine: {machine.get('cpu')}, {machine.get('cores')} cores, "
-                  f"{(machine.get('ram_bytes') or 0) / 2**30:.0f} GiB RAM, Linux {machine.get('kernel')}, "
-                  f"torch {machine.get('torch')}; no GPU. Measured {min(r.get('started', '~') for r in results if r.get('started'))}.", ""]
+    machines = machine_labels(results)
+    if len(machines) == 1:
+        lines += [f"Machine: {next(iter(machines))}; no GPU. Measured {_measured(results)}.", ""]
+    elif machines:
+        lines += ["Measured on more than one machine (each row names its own; compare rows of one machine "
+                  f"only): {'; '.join(f'[{label}] {desc}' for desc, label in machines.items())}; no GPU. "
+                  f"Measured {_measured(results)}.", ""]
     order = {s.key: i for i, s in enumerate(SCENARIOS)}
     for version in sorted(by_version, reverse=True):
         rows = sorted(by_version[version], key=lambda r: (order.get(r.get("scenario"), 99), SIZES.index(r["size"])
@@ -235,8 +258,9 @@ def render(root: str) -> str:
                     fh += " (not the stock model)"
             speedup = "–" if ratio.get("ready_s") is None else f"{ratio['ready_s']:.2f}x"
             rss = f"{_cell(stats, 'stock', 'peak_rss_bytes', 1e-9).split()[0]} / {_cell(stats, 'patched', 'peak_rss_bytes', 1e-9).split()[0]}"
+            tag = f" [{machines[describe_machine(r['machine'])]}]" if len(machines) > 1 else ""
             lines.append(
-                f"| {r['scenario']} {r.get('title', '')} | {r['size']} | {(r.get('checkpoint_bytes') or 0) / 1e9:.2f} "
+                f"| {r['scenario']} {r.get('title', '')}{tag} | {r['size']} | {(r.get('checkpoint_bytes') or 0) / 1e9:.2f} "
                 f"| {_cell(stats, 'stock', 'ready_s')} | {_cell(stats, 'patched', 'ready_s')} "
                 f"| {speedup} | {fh} | {rss} "
                 f"| {'–' if frac is None else f'{frac:.0%}'} | {'yes' if r.get('identical') else 'NO'} |")

@@ -249,8 +249,8 @@ def run_trial(args) -> dict:
     import transformers.modeling_utils  # noqa: F401
 
     if args.quant or _prequantised_with_bnb(config):
-        import bitsandbytes  # noqa: F401 - an import like the modeling module's: not timed
-        import transformers.integrations.bitsandbytes  # noqa: F401
+        for module in ("bitsandbytes", "transformers.integrations.bitsandbytes"):
+            importlib.import_module(module)  # imported like the modeling module: not timed
 
     kwargs = dtype_kwargs(args.dtype, transformers.__version__)
     # "cpu+cuda": load to the CPU, then model.cuda() (timed as part of the load)
