@@ -77,15 +77,38 @@ def quantize_pool() -> ThreadPoolExecutor:
         return _pool
 
 
-def with_chunked_kernels(convert):
-    """``convert`` (a stock quantize op's bound method) run under chunked_kernels()."""
+def with_chunked_kernels(convert, release_source=None):
+    """``convert`` (a stock quantize op's bound method) run under chunked_kernels(). Then,
+    if given, ``release_source(tensor)`` for each full-precision input the result does not
+    share memory with: the input's only use is over, and a zero-copy view of the checkpoint
+    would otherwise keep its pages in the process until the load ends (a 1b int8 load held
+    the whole 2.2 GB checkpoint beside the 1.3 GB quantised model)."""
 
     @functools.wraps(convert)
-    def chunked_convert(*args, **kwargs):
+    def chunked_convert(input_dict, *args, **kwargs):
         with chunked_kernels():
-            return convert(*args, **kwargs)
+            result = convert(input_dict, *args, **kwargs)
+        if release_source is not None:
+            _release_inputs(input_dict, result, release_source)
+        return result
 
     return chunked_convert
+
+
+def _release_inputs(input_dict, result, release_source) -> None:
+    import torch
+
+    def tensors(values):
+        for value in values:
+            if isinstance(value, (list, tuple)):
+                yield from tensors(value)
+            elif isinstance(value, torch.Tensor):
+                yield value
+
+    kept = {t.untyped_storage().data_ptr() for t in tensors(result.values() if isinstance(result, dict) else [result])}
+    for tensor in tensors(input_dict.values()):
+        if tensor.untyped_storage().data_ptr() not in kept:
+            release_source(tensor)
 
 
 def chunked_kernels():

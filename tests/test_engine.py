@@ -220,6 +220,27 @@ def test_cast_source_pages_are_unmapped_after_their_cast(tmp_path):
     assert grown < 8 << 20, f"the process still maps {grown >> 20} MiB of the 64 MiB source"
 
 
+def test_a_released_view_leaves_the_process_and_still_reads_the_same(tmp_path):
+    """MappedFiles.release_view (a quantised source): its pages leave the process, a read
+    faults the same bytes back, and tensors that are not views of a mapping are left."""
+    path = str(tmp_path / "big.safetensors")
+    tensor = torch.randn(16 << 20)  # 64 MiB of fp32
+    save_file({"w": tensor, "b": torch.ones(3)}, path)
+    refs = CheckpointIndex().tensors([path])
+    engine = Materializer(threads=2, chunk_bytes=1 << 20, populate=True, io_mode="mmap")
+    before = _rss_file_bytes()
+    view = engine.submit(refs["w"]).result()
+    assert view.sum().item() == tensor.sum().item()  # every page mapped
+    touched = _rss_file_bytes() - before
+    assert engine.files.release_view(view)
+    released = _rss_file_bytes() - before
+    assert not engine.files.release_view(tensor)  # anonymous memory: not ours to drop
+    assert not engine.files.release_view(torch.ones(3))
+    assert torch.equal(view, tensor)
+    engine.close()
+    assert touched > 48 << 20 and released < 8 << 20, (touched >> 20, released >> 20)
+
+
 def test_files_larger_than_free_memory_are_read_lazily(checkpoint, monkeypatch):
     path, tensors, refs = checkpoint
     monkeypatch.setenv("FASTHUG_MEMORY_AVAILABLE_MB", "0")

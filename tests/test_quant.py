@@ -163,6 +163,25 @@ def test_the_mode_is_thread_local():
     assert seen == [0]
 
 
+def test_inputs_are_released_after_convert_unless_the_result_shares_them():
+    released = []
+    source, kept = torch.ones(8), torch.zeros(8)
+
+    def convert(input_dict, **kwargs):
+        return {"a": source * 2, "b": kept}
+
+    wrapped = quant.with_chunked_kernels(convert, released.append)
+    wrapped({"a": [source], "b": [kept[:4]]}, model=None)
+    assert [t is source for t in released] == [True]  # kept[:4] shares the result's memory
+
+    def failing(input_dict, **kwargs):
+        raise ValueError("stock's error")
+
+    with pytest.raises(ValueError, match="stock's error"):
+        quant.with_chunked_kernels(failing, released.append)({"a": [source]})
+    assert len(released) == 1  # nothing released when the op fails: stock retries from the same bytes
+
+
 # -- whole loads -------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -211,6 +230,24 @@ def test_quantised_load_matches_stock(llama_bf16, small_pieces, name):
     assert_same_pair(pair, inputs, context=name)
     assert _bnb_attributes(pair.stock) == _bnb_attributes(pair.fast)
     assert _bnb_attributes(pair.fast), "nothing was quantised"
+
+
+@needs_v5
+@needs_verified_bnb
+def test_quantised_sources_leave_the_process(llama_bf16, monkeypatch):
+    """Each weight's checkpoint pages are unmapped once it is quantised: the release is
+    asked for every quantised Linear and finds its mapped view."""
+    from fasthug_patch.engine.mapped import MappedFiles
+
+    found = []
+    release = MappedFiles.release_view
+    monkeypatch.setattr(MappedFiles, "release_view", lambda self, t: found.append(release(self, t)) or found[-1])
+    config = transformers.BitsAndBytesConfig(load_in_8bit=True)
+    with fasthug_patch.enabled():
+        model = transformers.AutoModelForCausalLM.from_pretrained(llama_bf16, quantization_config=config,
+                                                                  device_map="cpu")
+    quantised = [m for m in model.modules() if isinstance(m, bnb.nn.Linear8bitLt)]
+    assert quantised and found == [True] * len(quantised)
 
 
 @needs_v5

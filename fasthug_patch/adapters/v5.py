@@ -60,7 +60,8 @@ class V5Adapter(Adapter):
         call.entered_fast_internals = True
         token = _session.set(call)
         quantizer = getattr(load_config, "hf_quantizer", None)
-        restore = _quantize_in_pieces(quantizer) if quantizer is not None and not quantizer.pre_quantized else None
+        restore = (_quantize_in_pieces(quantizer, call.materializer.files.release_view)
+                   if quantizer is not None and not quantizer.pre_quantized else None)
         call.quantizing = restore is not None
         try:
             with call.report.phase("load_weights"):
@@ -125,10 +126,11 @@ class V5Adapter(Adapter):
         return sources
 
 
-def _quantize_in_pieces(quantizer):
+def _quantize_in_pieces(quantizer, release_source):
     """Has the quantize ops ``quantizer`` hands out for this load run bitsandbytes' kernels
-    in parallel pieces (quant.py); returns the undo. The override sits on this load's own
-    quantizer instance, so no other load sees it."""
+    in parallel pieces (quant.py) and unmap the checkpoint pages of what they quantised;
+    returns the undo. The override sits on this load's own quantizer instance, so no other
+    load sees it."""
     from fasthug_patch import quant
 
     stock = quantizer.get_quantize_ops
@@ -136,7 +138,7 @@ def _quantize_in_pieces(quantizer):
 
     def get_quantize_ops():
         op = stock()
-        op.convert = quant.with_chunked_kernels(op.convert)  # on the instance: the class (and its name in errors) stay stock's
+        op.convert = quant.with_chunked_kernels(op.convert, release_source)  # on the instance: the class (and its name in errors) stay stock's
         return op
 
     quantizer.get_quantize_ops = get_quantize_ops

@@ -125,11 +125,19 @@ class MappedFile:
         (already cast into their final tensor), so a cast load's resident memory stays
         the final model's, not the final model's plus the checkpoint's. The page cache
         keeps them; nothing was written to them, so a later read would see the same bytes."""
-        begin = ref.offset + start
-        first = begin + (-begin) % PAGE
-        end = (begin + length) - (begin + length) % PAGE
+        self.release_address(self.base + ref.offset + start, length)
+
+    def holds(self, address: int, length: int) -> bool:
+        return self.storage is not None and self.base <= address and address + length <= self.base + self.size
+
+    def release_address(self, address: int, length: int) -> None:
+        """Unmap the pages wholly inside [address, address+length) of this mapping."""
+        if not self.holds(address, length):
+            return
+        first = address + (-address) % PAGE
+        end = (address + length) - (address + length) % PAGE
         if end > first:
-            _libc.madvise(self.base + first, end - first, MADV_DONTNEED)
+            _libc.madvise(first, end - first, MADV_DONTNEED)
 
     def check_size(self, ref: TensorRef) -> None:
         """Raise CheckpointError if ``ref``'s bytes are no longer all inside the file."""
@@ -181,6 +189,21 @@ class MappedFiles:
     def __init__(self) -> None:
         self._files: dict[str, MappedFile] = {}
         self._lock = threading.Lock()
+
+    def release_view(self, tensor) -> bool:
+        """Unmap the pages wholly inside ``tensor``'s bytes if it is a view of one of these
+        mappings (a source whose only use is over: quantised into other memory). Nothing
+        was written to them, so a later read of the view would fault the same bytes back
+        in from the page cache. False if the tensor is not such a view."""
+        if tensor.device.type != "cpu" or not tensor.is_contiguous():
+            return False
+        address, length = tensor.data_ptr(), tensor.numel() * tensor.element_size()
+        with self._lock:
+            owner = next((m for m in self._files.values() if m.holds(address, length)), None)
+        if owner is None:
+            return False
+        owner.release_address(address, length)
+        return True
 
     def get(self, path: str) -> MappedFile:
         with self._lock:
