@@ -204,6 +204,10 @@ def machine_labels(results: list[dict]) -> dict[str, str]:
     return labels
 
 
+def _machine_of(result: dict) -> str:
+    return describe_machine(result["machine"]) if result.get("machine") else "an unrecorded machine"
+
+
 def _measured(results: list[dict]) -> str:
     days = sorted(r["started"] for r in results if r.get("started") and not r.get("skipped"))
     return days[0] if len(days) < 2 else f"{days[0]} to {days[-1]}"
@@ -323,7 +327,7 @@ def render_ranks(root: str) -> list[str]:
             f"| {statistics.median(r['single_storage_read_bytes']) / 1e9:.2f} / "
             f"{statistics.median(r['ranks_storage_read_bytes']) / 1e9:.2f} | {'yes' if r['identical'] else 'NO'} |")
     lines += [""] + [f"Rerun: `{r['command']}` (n={r['n']}, {r['warmup']} warm-up round per side; "
-                     f"how the ranks split it: {r['sharing']})." for r in results] + [""]
+                     f"how the ranks split it: {r['sharing']}; measured on {_machine_of(r)})." for r in results] + [""]
     return lines
 
 
