@@ -321,6 +321,28 @@ def test_checkpoint_idempotent_and_cached(tiny, tmp_path, monkeypatch):
     assert (Path(again) / "model.safetensors").read_bytes() == (Path(tiny) / "model.safetensors").read_bytes()
 
 
+def test_quantized_checkpoint_is_built_once_and_marked(tiny, tmp_path):
+    """The suite's pre-quantised checkpoints: stock quantises and saves in a subprocess, the
+    marker is written last, a second call reuses the directory, a foreign one is refused."""
+    pytest.importorskip("bitsandbytes")
+    source = shutil.copytree(tiny, tmp_path / "src")
+    built = checkpoints.quantized_checkpoint(str(source), "8bit", progress=False)
+    marker = Path(built) / checkpoints.MARKER
+    info = json.loads(marker.read_text())
+    assert info["settings"] == trial.BNB_SETTINGS["8bit"] and info["source"] == str(source)
+    config = json.loads((Path(built) / "config.json").read_text())
+    assert config["quantization_config"]["quant_method"] == "bitsandbytes"
+    assert any(p.name.endswith(".safetensors") for p in Path(built).iterdir())
+    stamp = marker.stat().st_mtime_ns
+    assert checkpoints.quantized_checkpoint(str(source), "8bit", progress=False) == built
+    assert marker.stat().st_mtime_ns == stamp  # not rebuilt
+    assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]
+
+    (tmp_path / "src-bnb-4bit").mkdir()
+    with pytest.raises(FileExistsError):
+        checkpoints.quantized_checkpoint(str(source), "4bit", progress=False)
+
+
 def test_checkpoint_sizes():
     assert 1.0e9 < checkpoints.param_count("1b") < 1.2e9
     assert 2.1e9 < checkpoints.estimated_bytes("1b", "bf16") < 2.3e9

@@ -20,6 +20,7 @@ from fasthug_patch import capabilities, loadcall
 from fasthug_patch.adapters.base import Adapter, PatchTarget, quant_library, quant_method_of
 from fasthug_patch.adapters.sources import MappedSource, check_bin_tensors
 from fasthug_patch.capabilities import Facts
+from fasthug_patch.engine.materialize import needs_cast
 from fasthug_patch.entry import make_from_pretrained_wrapper
 from fasthug_patch.errors import FastPathError
 
@@ -83,7 +84,7 @@ class V5Adapter(Adapter):
             raise FastPathError("sharded materialisation reached the fast path")
         source = tensor.ref if isinstance(tensor, MappedSource) else tensor
         device = device if device is not None else "cpu"
-        if pool is None and call.quantizing and _needs_cast(source, dtype):
+        if pool is None and call.quantizing and needs_cast(source, dtype):
             # Stock materialises on demand while it quantises, so that full-precision copies
             # never pile up; a cast makes one, so it waits for its turn here too.
             return lambda: call.materializer.submit(source, dtype, device).result()
@@ -150,13 +151,6 @@ def _quantize_in_pieces(quantizer, release_source):
             del quantizer.get_quantize_ops
 
     return restore
-
-
-def _needs_cast(source, dtype) -> bool:
-    if dtype is None:
-        return False
-    have = source.torch_dtype() if hasattr(source, "torch_dtype") else getattr(source, "dtype", None)
-    return have != dtype
 
 
 def _weights_format(files) -> str | None:

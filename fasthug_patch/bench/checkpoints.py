@@ -145,17 +145,23 @@ def build_checkpoint(kind: str, size: str, dtype, out_dir, shard_size=None, seed
             info = dict(want, built_seconds=round(time.perf_counter() - began, 2), **_versions())
             with open(os.path.join(tmp, MARKER), "w") as f:
                 json.dump(info, f, indent=1)
-            if os.path.exists(out_dir):  # ours, other spec: move aside, then replace
-                trash = tempfile.mkdtemp(prefix=os.path.basename(out_dir) + ".old-", dir=parent)
-                os.rename(out_dir, os.path.join(trash, "old"))
-                shutil.rmtree(trash, ignore_errors=True)
-            os.rename(tmp, out_dir)
+            _move_into_place(tmp, out_dir)
             if progress:
                 print(f"fasthug_patch: built in {info['built_seconds']:.1f}s", flush=True)
         finally:
             if os.path.exists(tmp):
                 shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
+
+
+def _move_into_place(tmp: str, out_dir: str) -> None:
+    """Rename the finished ``tmp`` to ``out_dir``, moving aside (then deleting) what was
+    there: ours, of another spec."""
+    if os.path.exists(out_dir):
+        trash = tempfile.mkdtemp(prefix=os.path.basename(out_dir) + ".old-", dir=os.path.dirname(out_dir))
+        os.rename(out_dir, os.path.join(trash, "old"))
+        shutil.rmtree(trash, ignore_errors=True)
+    os.rename(tmp, out_dir)
 
 
 def _write_checkpoint(want: dict, directory: str) -> None:
@@ -264,38 +270,41 @@ def resolve_local(model_or_path) -> str | None:
         return None
 
 
-_BNB_MARKER = "fasthug_bnb.json"
-
-
 def quantized_checkpoint(source: str, quant: str, python: str = sys.executable, progress: bool = True) -> str:
     """``source`` quantised by stock transformers + bitsandbytes (``quant``: "8bit" or
     "4bit" = nf4) on the CPU and written with ``save_pretrained`` beside it, once, by
-    ``python`` (so by the transformers line that will read it)."""
+    ``python`` (so by the transformers line that will read it). Built and marked like
+    build_checkpoint's checkpoints: in a temporary directory, marker last, renamed into place."""
     from fasthug_patch.bench.trial import BNB_SETTINGS
 
-    out_dir = f"{source.rstrip(os.sep)}-bnb-{quant}"
+    out_dir = f"{os.path.abspath(source).rstrip(os.sep)}-bnb-{quant}"
     want = {"source": source, "settings": BNB_SETTINGS[quant]}
-    marker = os.path.join(out_dir, _BNB_MARKER)
     with _file_lock(out_dir + ".lock"):
-        try:
-            with open(marker) as f:
-                if {k: v for k, v in json.load(f).items() if k in want} == want:
-                    return out_dir
-        except (OSError, ValueError):
-            pass
+        marker = read_marker(out_dir)
+        if _same_spec(marker, want):
+            return out_dir
+        if os.path.exists(out_dir) and marker is None:
+            raise FileExistsError(f"{out_dir} exists and is not a fasthug_patch bench checkpoint; "
+                                  "refusing to overwrite it")
         if progress:
             print(f"fasthug_patch: quantising {source} ({quant}) into {out_dir} ...", flush=True)
         code = (
             "import json, sys, transformers\n"
-            "source, out, settings = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])\n"
+            "source, out, marker, settings = sys.argv[1], sys.argv[2], sys.argv[3], json.loads(sys.argv[4])\n"
             "config = transformers.BitsAndBytesConfig(**settings)\n"
             "model = transformers.AutoModelForCausalLM.from_pretrained(source, quantization_config=config, "
             "device_map='cpu')\n"
             "model.save_pretrained(out)\n"
             "json.dump({'source': source, 'settings': settings, 'built_with_transformers': "
-            "transformers.__version__}, open(out + '/" + _BNB_MARKER + "', 'w'))\n"
+            "transformers.__version__}, open(marker, 'w'))\n"
         )
-        shutil.rmtree(out_dir, ignore_errors=True)
-        env = {k: v for k, v in os.environ.items() if not k.startswith("FASTHUG_")}  # stock, unpatched
-        subprocess.run([python, "-c", code, source, out_dir, json.dumps(BNB_SETTINGS[quant])], check=True, env=env)
+        tmp = tempfile.mkdtemp(prefix=os.path.basename(out_dir) + ".tmp-", dir=os.path.dirname(out_dir))
+        try:
+            env = {k: v for k, v in os.environ.items() if not k.startswith("FASTHUG_")}  # stock, unpatched
+            subprocess.run([python, "-c", code, source, tmp, os.path.join(tmp, MARKER),
+                            json.dumps(BNB_SETTINGS[quant])], check=True, env=env)
+            _move_into_place(tmp, out_dir)
+        finally:
+            if os.path.exists(tmp):
+                shutil.rmtree(tmp, ignore_errors=True)
     return out_dir

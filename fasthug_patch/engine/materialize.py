@@ -224,7 +224,7 @@ class Materializer:
         if isinstance(source, TensorRef):
             fill = self._fill_of(source.file)
             mapped = self.files.get(source.file)
-            if (dtype is None or dtype == source.torch_dtype()) and mapped.is_aligned(source):
+            if not needs_cast(source, dtype) and mapped.is_aligned(source):
                 return self._mapped_view(mapped, source, fill)
             if not mapped.is_aligned(source):
                 if fill is None or not fill.wait(source.offset, source.nbytes):
@@ -233,7 +233,7 @@ class Materializer:
             if fill is not None:
                 fill.stop()
             return self._cast(mapped.tensor(source), source, dtype, mapped, fill)
-        if dtype is None or dtype == source.dtype:
+        if not needs_cast(source, dtype):
             done: Future = Future()
             done.set_result(source[...])  # what stock hands over: a view of the same storage
             return done
@@ -364,6 +364,14 @@ class Materializer:
         self._pool.shutdown(wait=True, cancel_futures=cancel)
         for streamer in self._streamers.values():
             streamer.close()
+
+
+def needs_cast(source, dtype) -> bool:
+    """Whether ``source`` (a TensorRef or a torch.Tensor) asked for as ``dtype`` must be cast;
+    otherwise submit hands over a view of it."""
+    if dtype is None:
+        return False
+    return dtype != (source.torch_dtype() if isinstance(source, TensorRef) else source.dtype)
 
 
 def _copy_span(dst_flat, src_flat, start: int, count: int) -> None:
