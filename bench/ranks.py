@@ -45,6 +45,7 @@ def worker(checkpoint: str, out: str) -> None:
     from fasthug_patch.bench.trial import touch_pages, weights_digest
 
     read_before = _storage_read_bytes()
+    began_at = time.time()  # wall clock, comparable across the ranks: how far apart they started
     began = time.perf_counter()
     model = transformers.AutoModelForCausalLM.from_pretrained(checkpoint)
     returned = time.perf_counter() - began
@@ -54,7 +55,8 @@ def worker(checkpoint: str, out: str) -> None:
     rank = int(os.environ.get("RANK", "0"))
     result = {"rank": rank, "ready_s": ready, "returned_s": returned, "path": report.path,
               "storage_read_bytes": _storage_read_bytes() - read_before, "bytes_filled": report.bytes_filled,
-              "ranks": report.ranks, "digest": weights_digest(model)}
+              "ranks": report.ranks, "began_at": began_at, "phases": report.phases,
+              "digest": weights_digest(model)}
     with open(os.path.join(out, f"rank{rank}.json"), "w") as handle:
         json.dump(result, handle)
 
@@ -112,7 +114,8 @@ def main(argv=None) -> int:
     digests = {x["digest"] for r in rounds["single"] + rounds["ranks"] for x in r}
     result = {
         "size": args.size, "world": args.world, "n": args.n, "warmup": args.warmup, "checkpoint_bytes": size_bytes,
-        "transformers": info["transformers"], "torch": info["torch"], "machine": runner.machine_info(),
+        "transformers": info["transformers"], "torch": info["torch"],
+        "machine": {**runner.machine_info(), "torch": info["torch"]},
         "started": time.strftime("%Y-%m-%d %H:%M:%S"),
         "single_ready_s": runner.summarize(single), "ranks_slowest_ready_s": runner.summarize(slowest),
         "ratio": statistics.median(single) / statistics.median(slowest),

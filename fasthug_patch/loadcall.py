@@ -62,8 +62,6 @@ class LoadCall:
                 ring.warm_async(self.device_map)  # pin the GPU staging ring while stock builds the model
         except Exception as exc:  # noqa: BLE001
             self.report.notes.append(f"prefetch skipped: {exc}")
-            if self._materializer is not None and self._materializer.share is not None:
-                self._materializer.share.post_done(exc)  # the other ranks must not wait for this one
 
     def declined(self, reason: str) -> None:
         if reason not in self.stock_loads:

@@ -3,25 +3,30 @@
 Under torchrun (or any job with an initialised ``torch.distributed`` process group) every
 rank calls from_pretrained on the same files. Without help each rank reads the whole
 checkpoint: N times the disk traffic. Ranks on one host share a page cache, so the reading
-is split instead: the ranks of a host agree on the load, each fills a disjoint 1/N of the
-files' bytes into the page cache with the engine's parallel reads, they wait for each
-other, and every rank then maps all of it zero-copy. The kernel's page cache is the
-exchange: one copy of the checkpoint in host memory however many ranks map it, and no byte
-sent through a socket. Ranks on other hosts do the same among themselves (each host reads
-the checkpoint once from its own disk or network file system).
+is split instead: the ranks of a host read disjoint chunks of the files' bytes into the page
+cache with the engine's parallel reads, and every rank maps all of it zero-copy once each
+chunk is read. The kernel's page cache is the exchange: one copy of the checkpoint in host
+memory however many ranks map it, and no byte sent through a socket. Ranks on other hosts
+do the same among themselves (each host reads the checkpoint once from its own disk or
+network file system).
 
 Coordination uses the job's own key-value store (the process group's, or the torchrun
-agent's) for a few small keys per load, each wait bounded:
-1. join: each rank posts its host and the files' fingerprint, then waits up to
-   FASTHUG_DIST_JOIN_S (default 10 s) for every rank of the job to post the same;
-2. decide: the first rank to finish waiting sets the load's decision with compare_set,
-   "share" if all joined with one fingerprint, else "solo"; every rank follows the stored
-   decision, so no two ranks can disagree (a rank that arrives late reads "solo" and reads
-   everything itself, as the others did);
-3. done: after its part, each rank posts "ok" or its error; each waits up to
-   FASTHUG_DIST_TIMEOUT_S (default 600 s) for the others of its host. A peer's error or
-   a timeout raises DistributedLoadError on every rank that waits: no rank goes on with
-   bytes that were never read, and none waits forever.
+agent's), a few small keys per chunk of the engine's fill, and no rank waits to start:
+1. claim: the chunks, in file order, are split by bytes into one home range per rank of
+   the host. Each rank's reader threads claim chunks with an atomic counter per range
+   (``store.add``): its own range first, then the others' ranges. Every chunk is claimed
+   once. Ranks of a job start loading at different moments (imports race on a busy host):
+   the first to start reads on into the others' ranges until they arrive, a rank that never
+   loads these files costs nothing (the others read its range), and one that comes after
+   the reading is over reads nothing.
+2. done: the reader of a chunk posts "ok" or its error under the chunk's key, and every
+   rank waits for each chunk's key, in file order, before handing out that chunk's bytes.
+   A peer's error, or no word within FASTHUG_DIST_TIMEOUT_S (default 600 s), raises
+   DistributedLoadError on every rank that waits: no rank goes on with bytes that were
+   never read, and none waits forever.
+Keys are scoped by the run, the host, the files' fingerprint (paths, sizes, modification
+times) and how many times this rank has loaded them: ranks on other hosts, or loading
+other files, never meet.
 
 FASTHUG_DIST=0 turns all of this off (every rank reads everything, as before).
 """
@@ -33,14 +38,21 @@ import itertools
 import os
 import socket
 import threading
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from datetime import timedelta
 
 from fasthug_patch import settings
 from fasthug_patch.errors import DistributedLoadError
 
-SHARE, SOLO = "share", "solo"
 NOT_A_JOB = "not a multi-process job"  # peer_group's reason when there is nothing to share with
+OK = "ok"
+# How long a client of torchrun's agent store waits to connect.
+STORE_CONNECT_SECONDS = 30.0
+# A wait for a chunk polls the store first after this long, then backs off up to the max
+# (a 16 MiB chunk takes ~10 ms to read at the reference disk's speed).
+POLL_FIRST_SECONDS = 0.001
+POLL_MAX_SECONDS = 0.02
 _occurrences: dict[tuple, itertools.count] = {}
 _occurrences_lock = threading.Lock()
 _agent_store = None
@@ -49,89 +61,110 @@ _agent_store_lock = threading.Lock()
 
 @dataclass
 class Share:
-    """This rank's part in one shared load: ``index`` of ``count`` ranks on this host."""
+    """One load shared by the ranks on this host: the chunks of its files (lengths, in file
+    order), the home range of each of ``slots`` ranks, and this rank's ``slot``."""
 
     group: PeerGroup
     prefix: str
-    index: int
-    count: int
-    peers: list[int]  # global ranks on this host, in order; peers[index] is this rank
-    posted: bool = False
+    lengths: list[int]
+    slot: int
+    slots: int
+    claimed: int = 0  # chunks this rank claimed
+    stopped: bool = False  # the load ended: waits return at once
+    _ranges: list[tuple[int, int]] = field(default_factory=list)
+    _order: list[int] = field(default_factory=list)  # ranges to claim from, own first
+    _lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def post_done(self, error: BaseException | None = None) -> None:
-        """Tell the others this rank's part is read (or failed). Once."""
-        if self.posted:
-            return
-        self.posted = True
-        value = "ok" if error is None else f"error: {type(error).__name__}: {error}"
-        self.group.store.set(f"{self.prefix}/done/{self.group.rank}", value)
+    def __post_init__(self) -> None:
+        self._ranges = home_ranges(self.lengths, self.slots)
+        self._order = [(self.slot + step) % self.slots for step in range(self.slots)]
 
-    def wait_for_peers(self) -> None:
-        """Block until every rank of this host has read its part; raise DistributedLoadError
-        for a peer's failure or a timeout."""
-        store, timeout = self.group.store, self.group.timeout
-        keys = [f"{self.prefix}/done/{rank}" for rank in self.peers]
-        try:
-            store.wait(keys, timedelta(seconds=timeout))
-        except Exception:  # noqa: BLE001 - the store's timeout error type varies by torch version
-            missing = [rank for rank, key in zip(self.peers, keys) if not store.check([key])]
-            raise DistributedLoadError(
-                f"rank(s) {missing} did not finish reading their part of the checkpoint within {timeout:g} s "
-                f"({settings.DIST_TIMEOUT_VAR}); rank {self.group.rank} stops rather than load weights never read"
-            ) from None
-        for rank, key in zip(self.peers, keys):
-            value = _text(store, key)
-            if value != "ok":
+    def claim(self) -> int | None:
+        """The next chunk this rank reads (an index into ``lengths``), or None when every
+        chunk has been claimed by some rank. Thread-safe."""
+        store = self.group.store
+        while True:
+            with self._lock:
+                if not self._order:
+                    return None
+                current = self._order[0]
+            first, end = self._ranges[current]
+            chunk = first + store.add(f"{self.prefix}/next/{current}", 1) - 1
+            if chunk < end:
+                store.set(f"{self.prefix}/owner/{chunk}", str(self.group.rank))
+                with self._lock:
+                    self.claimed += 1
+                return chunk
+            with self._lock:  # this range is all claimed: on to the next
+                if self._order and self._order[0] == current:
+                    self._order.pop(0)
+
+    def post(self, chunk: int, error: BaseException | None = None) -> None:
+        """Tell the other ranks that ``chunk`` is read, or why it could not be."""
+        value = OK if error is None else f"error: {type(error).__name__}: {error}"
+        self.group.store.set(self._done_key(chunk), value)
+
+    def wait(self, chunk: int, what: str) -> bool:
+        """Block until ``chunk`` (``what``: where its bytes lie, for messages) is read by
+        whichever rank claimed it. False if the load stopped meanwhile; raises
+        DistributedLoadError if its reader failed or did not report in time.
+
+        Polls with ``check`` rather than blocking in the store's ``wait``: a TCPStore
+        client runs one request at a time, so a blocked wait would hold up this rank's
+        claims and posts behind it (measured: 2 ranks of a 1b load took 6-9 s, not 2)."""
+        store, key = self.group.store, self._done_key(chunk)
+        deadline = time.monotonic() + self.group.timeout
+        pause = POLL_FIRST_SECONDS
+        while not store.check([key]):
+            if self.stopped:
+                return False
+            if time.monotonic() > deadline:
+                owner_key = f"{self.prefix}/owner/{chunk}"
+                who = f"rank {_text(store, owner_key)}" if store.check([owner_key]) else "no rank"
                 raise DistributedLoadError(
-                    f"rank {rank} failed to read its part of the checkpoint ({value[len('error: '):]}); "
-                    f"rank {self.group.rank} stops too"
-                )
+                    f"{who} claimed {what} and did not finish reading it within {self.group.timeout:g} s "
+                    f"({settings.DIST_TIMEOUT_VAR}); rank {self.group.rank} stops rather than load weights "
+                    "never read")
+            time.sleep(pause)
+            pause = min(2 * pause, POLL_MAX_SECONDS)
+        value = _text(store, key)
+        if value != OK:
+            owner = _text(store, f"{self.prefix}/owner/{chunk}")
+            raise DistributedLoadError(f"rank {owner} failed to read {what} ({value[len('error: '):]}); "
+                                       f"rank {self.group.rank} stops too")
+        return True
+
+    def _done_key(self, chunk: int) -> str:
+        return f"{self.prefix}/done/{chunk}"
 
 
 @dataclass
 class PeerGroup:
-    """The job's ranks as seen by this process, and the store they share."""
+    """The job's ranks as seen by this process, and the store they share. ``slot`` of
+    ``slots``: this rank's place among the ranks of its host (LOCAL_RANK and
+    LOCAL_WORLD_SIZE as launchers set them; the global rank and world size otherwise,
+    where a host's ranks then take the home ranges of absent ones by claiming them)."""
 
     store: object
     rank: int
     world: int
     host: str
-    join_timeout: float
     timeout: float
     run_id: str = ""
+    slot: int | None = None
+    slots: int | None = None
 
-    def agree(self, fingerprint: str) -> tuple[Share | None, str]:
-        """Join the load of ``fingerprint``; return this rank's Share, or None and why not."""
+    def share(self, fingerprint: str, lengths: list[int]) -> Share:
+        """This rank's part in loading the files of ``fingerprint``, whose fill chunks have
+        ``lengths`` (in file order). Returns at once: nothing waits for the other ranks."""
         digest = hashlib.sha256(fingerprint.encode()).hexdigest()[:16]
         with _occurrences_lock:
             # The n-th load of these files by this rank meets the n-th of every other rank.
             occurrence = next(_occurrences.setdefault((self.run_id, self.rank, digest), itertools.count()))
-        prefix = f"fasthug/{self.run_id}/{digest}/{occurrence}"
-        store, decision_key = self.store, f"{prefix}/decision"
-        store.set(f"{prefix}/join/{self.rank}", f"{self.host}\n{fingerprint}")
-        keys = [f"{prefix}/join/{rank}" for rank in range(self.world)]
-        if store.check([decision_key]) and _text(store, decision_key) == SOLO:
-            # Late: the others gave up waiting (e.g. rank 0 loaded first, alone) and read alone.
-            return None, "the other ranks already loaded these files, each alone"
-        try:
-            store.wait(keys, timedelta(seconds=self.join_timeout))
-            joined = True
-        except Exception:  # noqa: BLE001 - a timeout: not every rank is loading these files now
-            joined = False
-        posted = [_text(store, key) for key in keys] if joined else []
-        same = joined and all(value.split("\n", 1)[1] == fingerprint for value in posted)
-        # Sets the decision only if no rank has yet; returns whatever now stands.
-        decision = store.compare_set(decision_key, "", SHARE if same else SOLO).decode(errors="replace")
-        if decision != SHARE:
-            why = ("not every rank loaded these files within "
-                   f"{self.join_timeout:g} s ({settings.DIST_JOIN_VAR})" if not joined
-                   else "ranks load different files" if not same else "another rank decided to read alone")
-            return None, why
-        if not posted:  # decided "share" by the others; this rank joined in time for them
-            posted = [_text(store, key) for key in keys]
-        hosts = [value.split("\n", 1)[0] for value in posted]
-        peers = [rank for rank in range(self.world) if hosts[rank] == self.host]
-        return Share(self, prefix, peers.index(self.rank), len(peers), peers), ""
+        prefix = f"fasthug/{self.run_id}/{self.host}/{digest}/{occurrence}"
+        slots = self.slots if self.slots else self.world
+        slot = self.slot if self.slot is not None and self.slot < slots else self.rank % slots
+        return Share(self, prefix, list(lengths), slot, slots)
 
 
 def _text(store, key: str) -> str:
@@ -161,8 +194,8 @@ def peer_group() -> tuple[PeerGroup | None, str]:
         return None, "no store to coordinate through (neither an initialised process group nor torchrun's agent store)"
     host = os.environ.get("FASTHUG_DIST_HOST") or socket.gethostname()
     run_id = f"{os.environ.get('TORCHELASTIC_RUN_ID', '')}/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
-    return PeerGroup(store, rank, world, host, settings.dist_join_seconds(), settings.dist_timeout_seconds(),
-                     run_id), ""
+    local_rank, local_world = _int_env("LOCAL_RANK"), _int_env("LOCAL_WORLD_SIZE")
+    return PeerGroup(store, rank, world, host, settings.dist_timeout_seconds(), run_id, local_rank, local_world), ""
 
 
 def _int_env(name: str) -> int | None:
@@ -193,24 +226,24 @@ def _agent_store_client():
                 from torch.distributed import TCPStore
 
                 _agent_store = TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), None, False,
-                                        timedelta(seconds=settings.dist_join_seconds()))
+                                        timedelta(seconds=STORE_CONNECT_SECONDS))
             except Exception:  # noqa: BLE001
                 return None
         return _agent_store
 
 
-def owned_chunks(chunks: list[tuple[str, int, int]], index: int, count: int) -> set[tuple[str, int]]:
-    """The chunks (file, chunk index, length), in file order, that rank ``index`` of
-    ``count`` reads: those starting in its 1/count of the bytes of all files together.
-    Every chunk has exactly one owner."""
-    total = sum(length for _, _, length in chunks)
-    begin, end = total * index // count, total * (index + 1) // count
-    owned, offset = set(), 0
-    for name, chunk, length in chunks:
-        if begin <= offset < end:
-            owned.add((name, chunk))
+def home_ranges(lengths: list[int], slots: int) -> list[tuple[int, int]]:
+    """Split chunks of ``lengths`` (in file order) into ``slots`` consecutive ranges
+    [first, end) of near-equal bytes: a chunk belongs to the range its first byte falls in.
+    Every chunk is in exactly one range; a range may be empty."""
+    total = sum(lengths)
+    starts, offset = [], 0
+    for length in lengths:
+        starts.append(offset)
         offset += length
-    return owned
+    bounds = [next((i for i, start in enumerate(starts) if start >= total * slot // slots), len(lengths))
+              for slot in range(slots)] + [len(lengths)]
+    return [(bounds[slot], bounds[slot + 1]) for slot in range(slots)]
 
 
 def fingerprint(files: list[tuple[str, int]]) -> str:

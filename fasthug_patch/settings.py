@@ -22,7 +22,6 @@ PIN_FILES_VAR = "FASTHUG_PIN_FILES"
 STREAM_TO_DEVICE_VAR = "FASTHUG_STREAM_TO_DEVICE"
 HUGE_PAGES_VAR = "FASTHUG_HUGE_PAGES"
 DIST_VAR = "FASTHUG_DIST"
-DIST_JOIN_VAR = "FASTHUG_DIST_JOIN_S"
 DIST_TIMEOUT_VAR = "FASTHUG_DIST_TIMEOUT_S"
 
 # Pinned staging ring per device: slots x MiB. Enough slots for every reader thread to
@@ -144,11 +143,6 @@ def _env_seconds(name: str, default: float) -> float:
         return max(0.0, float(os.environ.get(name, "").strip() or default))
     except ValueError:
         return default
-
-
-def dist_join_seconds() -> float:
-    """How long a rank waits for the others to start the same load before it reads alone."""
-    return _env_seconds(DIST_JOIN_VAR, 10.0)
 
 
 def dist_timeout_seconds() -> float:

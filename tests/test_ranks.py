@@ -1,4 +1,4 @@
-"""ranks.py: ranks of one job agree on a load and split its reading; failures reach all.
+"""ranks.py: ranks of one job split the reading of a checkpoint by claiming chunks; failures reach all.
 
 The ranks here are threads sharing an in-process store (torch's HashStore), each with its
 own Materializer, so the protocol and the split run without launching processes;
@@ -17,13 +17,13 @@ import torch.distributed as dist
 from safetensors.torch import save_file
 
 from fasthug_patch import ranks
-from fasthug_patch.engine import Materializer
+from fasthug_patch.engine import Materializer, filler
 from fasthug_patch.errors import DistributedLoadError
 from fasthug_patch.plan import CheckpointIndex
 
 
-def _group(store, rank, world, host="h", join=2.0, timeout=5.0):
-    return ranks.PeerGroup(store, rank, world, host, join, timeout, run_id=f"test-{id(store)}")
+def _group(store, rank, world, host="h", timeout=5.0):
+    return ranks.PeerGroup(store, rank, world, host, timeout, run_id=f"test-{id(store)}")
 
 
 def _in_threads(world, fn):
@@ -43,50 +43,74 @@ def _in_threads(world, fn):
     return results, errors
 
 
-@pytest.mark.parametrize("count", [1, 2, 3, 5])
-def test_every_chunk_has_exactly_one_owner_and_parts_are_near_equal(count):
-    chunks = [("a", i, 16) for i in range(7)] + [("b", i, 16) for i in range(3)] + [("b", 3, 5), ("c", 0, 1)]
-    parts = [ranks.owned_chunks(chunks, index, count) for index in range(count)]
-    everything = {(name, i) for name, i, _ in chunks}
-    assert set().union(*parts) == everything
-    assert sum(len(p) for p in parts) == len(everything)
-    sizes = {(name, i): n for name, i, n in chunks}
-    total = sum(sizes.values())
-    for part in parts:
-        assert abs(sum(sizes[c] for c in part) - total / count) <= 16
+def _claim_all(share):
+    got = []
+    while (chunk := share.claim()) is not None:
+        got.append(chunk)
+    return got
 
 
-def test_all_ranks_joining_the_same_files_share():
+@pytest.mark.parametrize("slots", [1, 2, 3, 5])
+def test_home_ranges_cover_every_chunk_once_with_near_equal_bytes(slots):
+    lengths = [16] * 10 + [5, 1]
+    found = ranks.home_ranges(lengths, slots)
+    assert found[0][0] == 0 and found[-1][1] == len(lengths)
+    assert all(a[1] == b[0] for a, b in zip(found, found[1:]))  # consecutive, no gap, no overlap
+    total = sum(lengths)
+    for first, end in found:
+        assert abs(sum(lengths[first:end]) - total / slots) <= 16
+
+
+def test_each_rank_claims_its_own_range_first_then_helps_with_the_others():
     store = dist.HashStore()
-    shares, errors = _in_threads(3, lambda r: _group(store, r, 3).agree("files-1"))
-    assert errors == [None] * 3
-    assert sorted(s.index for s, _ in shares) == [0, 1, 2]
-    assert all(s.count == 3 and s.peers == [0, 1, 2] for s, _ in shares)
+    lengths = [1] * 6
+    a, b = (_group(store, rank, 2).share("files", lengths) for rank in range(2))
+    assert [a.claim() for _ in range(3)] == [0, 1, 2]  # rank 0's home range
+    assert b.claim() == 3  # rank 1 starts in its own
+    assert a.claim() == 4  # rank 0, done with its range, takes from rank 1's
+    assert b.claim() == 5
+    assert a.claim() is None and b.claim() is None
+    assert (a.claimed, b.claimed) == (4, 2)
 
 
-def test_ranks_on_two_hosts_split_per_host():
+def test_claims_from_many_threads_give_every_chunk_to_exactly_one_rank():
     store = dist.HashStore()
-    shares, _ = _in_threads(4, lambda r: _group(store, r, 4, host=f"node{r % 2}").agree("f"))
-    assert [s.peers for s, _ in shares] == [[0, 2], [1, 3], [0, 2], [1, 3]]
-    assert [s.index for s, _ in shares] == [0, 0, 1, 1]
+    lengths = [3] * 50
+    shares = [_group(store, rank, 3).share("files", lengths) for rank in range(3)]
+    results, errors = _in_threads(6, lambda i: _claim_all(shares[i % 3]))
+    assert errors == [None] * 6
+    claimed = [chunk for got in results for chunk in got]
+    assert sorted(claimed) == list(range(50))
 
 
-def test_a_rank_that_never_comes_makes_the_others_read_alone_and_a_late_one_does_not_wait():
+def test_a_rank_alone_claims_everything_and_a_late_one_nothing():
     store = dist.HashStore()
-    began = time.perf_counter()
-    results, _ = _in_threads(2, lambda r: _group(store, r, 3, join=0.3).agree("f"))
-    assert all(share is None and "not every rank" in why for share, why in results)
-    assert time.perf_counter() - began < 5
-    began = time.perf_counter()
-    share, why = _group(store, 2, 3, join=30).agree("f")
-    assert share is None and "already loaded" in why
-    assert time.perf_counter() - began < 5
+    lengths = [1] * 7
+    alone = _group(store, 0, 3).share("files", lengths)  # ranks 1 and 2 never load these files
+    assert sorted(_claim_all(alone)) == list(range(7))
+    for chunk in range(7):
+        alone.post(chunk)
+    late = _group(store, 1, 3).share("files", lengths)
+    assert late.claim() is None
+    assert all(late.wait(chunk, f"chunk {chunk}") for chunk in range(7))
 
 
-def test_ranks_loading_different_files_read_alone():
+def test_other_hosts_and_other_files_never_share_claims():
     store = dist.HashStore()
-    results, _ = _in_threads(2, lambda r: _group(store, r, 2, join=0.3).agree(f"files-of-rank-{r}"))
-    assert all(share is None for share, _ in results)
+    lengths = [1] * 4
+    node0 = _group(store, 0, 2, host="node0").share("files", lengths)
+    node1 = _group(store, 1, 2, host="node1").share("files", lengths)
+    other = _group(store, 0, 2, host="node0").share("other files", lengths)
+    for share in (node0, node1, other):
+        assert sorted(_claim_all(share)) == list(range(4))
+
+
+def test_local_rank_picks_the_home_range_on_a_host():
+    store = dist.HashStore()
+    group = ranks.PeerGroup(store, 5, 8, "node1", 5.0, run_id="r", slot=1, slots=4)
+    share = group.share("files", [1] * 8)
+    assert (share.slot, share.slots) == (1, 4)
+    assert share.claim() == 2
 
 
 @pytest.fixture()
@@ -99,11 +123,12 @@ def checkpoint(tmp_path):
     return path, tensors
 
 
-def _load_as_rank(store, rank, world, path, dtype=None, group_kwargs=None, before_fill=None):
-    engine = Materializer(threads=3, chunk_bytes=256 << 10, populate=None, io_mode="read")
+CHUNK = 256 << 10
+
+
+def _load_as_rank(store, rank, world, path, dtype=None, group_kwargs=None):
+    engine = Materializer(threads=3, chunk_bytes=CHUNK, populate=None, io_mode="read")
     try:
-        if before_fill is not None:
-            before_fill(engine)
         engine.prepare([path], _group(store, rank, world, **(group_kwargs or {})))
         refs = CheckpointIndex().tensors([path])
         got = {name: engine.submit(ref, dtype if ref.torch_dtype().is_floating_point else None).result(timeout=30)
@@ -122,7 +147,7 @@ def test_shared_load_reads_the_file_once_between_ranks_and_every_rank_gets_it_al
     assert errors == [None] * world
     assert sum(filled for _, filled, _ in results) == os.path.getsize(path)
     for got, filled, sharing in results:
-        assert 0 < filled < os.path.getsize(path) and sharing.startswith("shared: rank")
+        assert sharing.startswith("shared: rank"), sharing
         for name, want in tensors.items():
             want = want.to(dtype) if dtype is not None and want.is_floating_point() else want
             assert got[name].dtype == want.dtype and torch.equal(got[name], want), name
@@ -131,50 +156,48 @@ def test_shared_load_reads_the_file_once_between_ranks_and_every_rank_gets_it_al
 def test_a_rank_whose_read_fails_makes_every_rank_raise(checkpoint, monkeypatch):
     path, _ = checkpoint
     store = dist.HashStore()
-    from fasthug_patch.engine import filler
-
     real_open = filler.FileFill._open
-    broken = set()  # ids of the fills of "rank 1", whose disk fails
+    disk_broken = [True]
 
     def open_fill(self):
-        if id(self) in broken:
+        if disk_broken[0]:
             raise OSError(5, "Input/output error")
         return real_open(self)
 
     monkeypatch.setattr(filler.FileFill, "_open", open_fill)
-    real_choose = Materializer._choose
-
-    def choose(self, name, size, owned=None):
-        real_choose(self, name, size, owned)
-        if getattr(self, "rank_for_test", None) == 1:
-            broken.add(id(self._fills[name]))
-
-    monkeypatch.setattr(Materializer, "_choose", choose)
-
-    def rank_fn(rank):
-        return _load_as_rank(store, rank, 2, path, before_fill=lambda engine: setattr(engine, "rank_for_test", rank))
-
+    # Rank 1 loads first, alone: it claims every chunk, and every read of it fails.
+    with pytest.raises(Exception, match="Input/output error") as own:
+        _load_as_rank(store, 1, 2, path)
+    disk_broken[0] = False
+    assert not isinstance(own.value, DistributedLoadError)  # its own error, naming the file
+    assert path in str(own.value)
     began = time.perf_counter()
-    _, errors = _in_threads(2, rank_fn)
-    assert isinstance(errors[0], DistributedLoadError) and "rank 1 failed" in str(errors[0])
-    assert "Input/output error" in str(errors[0])
-    assert errors[1] is not None  # its own read error, naming the file
+    with pytest.raises(DistributedLoadError, match="rank 1 failed to read bytes 0..") as peer:
+        _load_as_rank(store, 0, 2, path)
+    assert "Input/output error" in str(peer.value) and path in str(peer.value)
     assert time.perf_counter() - began < 5  # nobody waited for a timeout
 
 
-def test_a_rank_that_stops_after_joining_times_out_every_waiter(checkpoint):
+def test_a_rank_that_stops_after_claiming_times_out_every_waiter(checkpoint):
     path, _ = checkpoint
     store = dist.HashStore()
-    joined = threading.Event()
-
-    def silent_rank():
-        _group(store, 1, 2).agree(ranks.fingerprint([(path, os.path.getsize(path))]))
-        joined.set()  # and never posts done
-
-    t = threading.Thread(target=silent_rank)
-    t.start()
+    size = os.path.getsize(path)
+    lengths = [length for _, length in filler.spans(size, CHUNK)]
+    silent = _group(store, 1, 2).share(ranks.fingerprint([(path, size)]), lengths)
+    taken = silent.claim()  # and never reads it nor posts
     began = time.perf_counter()
-    with pytest.raises(DistributedLoadError, match=r"rank\(s\) \[1\] did not finish"):
+    with pytest.raises(DistributedLoadError, match=r"rank 1 claimed bytes \d+\.\.\d+ of .* did not finish"):
         _load_as_rank(store, 0, 2, path, group_kwargs={"timeout": 0.5})
+    assert taken == ranks.home_ranges(lengths, 2)[1][0]
     assert time.perf_counter() - began < 10
-    t.join()
+
+
+def test_a_late_rank_reads_nothing_and_loads_everything(checkpoint):
+    path, tensors = checkpoint
+    store = dist.HashStore()
+    _, filled0, _ = _load_as_rank(store, 0, 2, path)  # rank 1 is not there yet: rank 0 reads it all
+    got, filled1, sharing = _load_as_rank(store, 1, 2, path)
+    assert (filled0, filled1) == (os.path.getsize(path), 0)
+    assert sharing.startswith("shared: rank 1 read 0 of ")
+    for name, want in tensors.items():
+        assert torch.equal(got[name], want), name

@@ -57,8 +57,8 @@ def test_ranks_read_the_checkpoint_once_and_all_load_the_stock_model(sharded, st
         assert result["path"] == "fast", result
         assert result["digest"] == stock_digest, result
         assert result["ranks"].startswith(f"shared: rank {result['rank']} "), result
+    # Read once in all: whoever started first read the chunks the others had not claimed yet.
     assert sum(r["bytes_filled"] for r in results) == _checkpoint_bytes(sharded)
-    assert all(r["bytes_filled"] < _checkpoint_bytes(sharded) for r in results)
 
 
 def test_sharing_off_every_rank_reads_everything(sharded, stock_digest, tmp_path):

@@ -61,8 +61,10 @@ class FileFill:
     def stop(self) -> None:
         """Read no further chunks (those already read or in flight complete). A cast load
         reads faster through the mapping, page faults overlapping the casts, than after a
-        fill that copies every byte once more."""
-        self.stopped = True
+        fill that copies every byte once more. A fill shared with other ranks never stops:
+        they wait for its chunks."""
+        if not self.shared:
+            self.stopped = True
 
     def read_chunk(self, index: int) -> None:
         """Read chunk ``index`` (called once per chunk, by a pool thread)."""
@@ -91,8 +93,12 @@ class FileFill:
             self._chunk_finished()
 
     def mark_read(self, index: int) -> None:
-        """Chunk ``index`` was read into the page cache by another rank on this host."""
-        self._done[index].set()
+        """Chunk ``index`` was read into the page cache (by another rank on this host, or by
+        this process: then this is a no-op)."""
+        with self._fd_lock:
+            if self._done[index].is_set():
+                return
+            self._done[index].set()
         self._chunk_finished()
 
     def outcome(self, index: int) -> BaseException | None:
@@ -101,9 +107,13 @@ class FileFill:
         return self._errors.get(index)
 
     def cancel(self, index: int, error: BaseException) -> None:
-        """Mark a chunk that will never be read (the load is being abandoned)."""
-        self._errors.setdefault(index, error)
-        self._done[index].set()
+        """Mark a chunk that will never be read (the load is being abandoned); a no-op for a
+        chunk already done."""
+        with self._fd_lock:
+            if self._done[index].is_set():
+                return
+            self._errors.setdefault(index, error)
+            self._done[index].set()
         self._chunk_finished()
 
     def wait(self, start: int, length: int) -> bool:

@@ -101,15 +101,15 @@ class Materializer:
         self.busy_seconds = 0.0
         self._streamers: dict[str, DeviceStreamer] = {}
         self.bytes_filled = 0  # read from checkpoint files by this process's preadv fills
-        self.share = None  # ranks.Share when other ranks on this host read part of the files
-        self.sharing = ""  # how the reading was shared, or why it was not (report.ranks)
+        self._shares: list = []  # (ranks.Share, its chunks, the PeerGroup) per load shared with other ranks
+        self._sharing = ""  # why the reading was not shared (report.ranks)
         self.backend_for = devices.backend_for  # device -> backend (tests swap in a stand-in)
 
     # -- files ----------------------------------------------------------------
     def prepare(self, files, peers=None) -> None:
         """Choose how to read each of ``files`` and start filling the cold ones. With
-        ``peers`` (a ranks.PeerGroup), first agree with the other ranks loading the same
-        files, and fill only this rank's part of them."""
+        ``peers`` (a ranks.PeerGroup), fill them together with the other ranks of this host
+        that load the same files, each chunk read by one of them."""
         with self._prepare_lock:
             todo = [str(f) for f in files if str(f) not in self.io and os.path.isfile(f)]
             if not todo:
@@ -119,55 +119,79 @@ class Materializer:
             if available is not None and sum(sizes.values()) > available:
                 self._go_lazy(todo, sum(sizes.values()), available)
                 return
-            owned = self._agree(peers, todo, sizes) if peers is not None else None
+            shared = peers is not None and self._worth_sharing(sizes)
             for name in todo:
-                self._choose(name, sizes[name], owned)
-            if self.share is not None:
-                threading.Thread(target=self._meet_peers, args=(owned,), name="fasthug-ranks", daemon=True).start()
+                self._choose(name, sizes[name], shared)
+            if shared:
+                self._share_fills(peers, [name for name in todo if name in self._fills])
 
-    def _agree(self, peers, names: list[str], sizes: dict[str, int]):
-        """This rank's chunks of ``names`` if the reading is shared, else None."""
-        from fasthug_patch import ranks
-
+    def _worth_sharing(self, sizes: dict[str, int]) -> bool:
         if self.io_mode != "read" and sum(sizes.values()) < FILL_MIN_BYTES:
             self.sharing = "not shared: checkpoint too small to be worth it"
-            return None
-        share, why = peers.agree(ranks.fingerprint([(name, sizes[name]) for name in names]))
-        if share is None:
-            self.sharing = f"not shared: {why}"
-            return None
-        self.share = share
-        chunks = [(name, index, length) for name in names
-                  for index, (_, length) in enumerate(_spans(sizes[name], self.chunk_bytes))]
-        owned = ranks.owned_chunks(chunks, share.index, share.count)
-        self.sharing = (f"shared: rank {peers.rank} read {len(owned)} of {len(chunks)} chunks "
-                        f"as {share.index + 1} of {share.count} ranks on {peers.host}")
-        return owned
+            return False
+        return True
 
-    def _meet_peers(self, owned) -> None:
-        """Once this rank's chunks are read, tell the others and wait for theirs; then mark
-        their chunks read, or fail every waiter with the DistributedLoadError."""
+    def _share_fills(self, peers, names: list[str]) -> None:
+        """Fill ``names`` with the other ranks: queue one claiming job per chunk (each reads
+        whichever chunk it claims, or nothing once all are claimed), and a thread that marks
+        each chunk read, in file order, once its reader reports it."""
+        from fasthug_patch import ranks
+
+        chunks = [(self._fills[name], index) for name in names for index in range(len(self._fills[name].spans))]
+        share = peers.share(ranks.fingerprint([(name, self._fills[name].size) for name in names]),
+                            [fill.spans[index][1] for fill, index in chunks])
+        self._shares.append((share, chunks, peers))
+        for _ in chunks:
+            self._pool.submit(self._claim_job, share, chunks)
+        threading.Thread(target=self._follow_share, args=(share, chunks), name="fasthug-ranks", daemon=True).start()
+
+    def _claim_job(self, share, chunks) -> None:
+        if self._failed is not None:
+            return  # nothing claimed: the other ranks read what is left
+        number = share.claim()
+        if number is None:
+            return
+        fill, index = chunks[number]
+        self._read_chunk(fill, index)  # even if this load fails meanwhile: the other ranks wait for it
+        share.post(number, fill.outcome(index))
+
+    def _follow_share(self, share, chunks) -> None:
+        """Mark each chunk read as soon as its reader (this rank or another) reports it, in
+        file order; on a peer's failure or timeout, fail every waiter of the chunks left."""
         from fasthug_patch.errors import DistributedLoadError
 
-        chunks = [(fill, index) for fill in self._fills.values() if fill.shared for index in range(len(fill.spans))]
-        theirs = [(fill, index) for fill, index in chunks if (fill.path, index) not in owned]
-        errors = [fill.outcome(index) for fill, index in chunks if (fill.path, index) in owned]
-        self.share.post_done(next((error for error in errors if error is not None), None))
-        try:
-            self.share.wait_for_peers()
-        except DistributedLoadError as exc:
-            for fill, index in theirs:
-                fill.cancel(index, exc)
-            return
-        for fill, index in theirs:
+        for number, (fill, index) in enumerate(chunks):
+            start, length = fill.spans[index]
+            try:
+                if not share.wait(number, f"bytes {start}..{start + length} of {fill.path}"):
+                    return  # the load ended
+            except DistributedLoadError as exc:
+                for later_fill, later_index in chunks[number:]:
+                    later_fill.cancel(later_index, exc)
+                return
             fill.mark_read(index)
 
-    def _choose(self, name: str, size: int, owned=None) -> None:
+    @property
+    def sharing(self) -> str:
+        """How the reading was shared with other ranks, or why it was not (report.ranks)."""
+        if not self._shares:
+            return self._sharing
+        parts = []
+        for share, chunks, peers in self._shares:
+            parts.append(f"shared: rank {peers.rank} read {share.claimed} of {len(chunks)} chunks "
+                         f"as {share.slot + 1} of {share.slots} ranks on {peers.host}")
+        return "; ".join(parts)
+
+    @sharing.setter
+    def sharing(self, value: str) -> None:
+        self._sharing = value
+
+    def _choose(self, name: str, size: int, shared: bool = False) -> None:
         cached = residency.resident_fraction(name) if self.io_mode == "auto" else None
         cold = cached is None or cached < CACHED_ENOUGH  # unknown (forced mode) counts as cold
         if cold:
             self._cold.add(name)
-        small = self.io_mode == "auto" and cold and size < FILL_MIN_BYTES and owned is None
+        small = self.io_mode == "auto" and cold and size < FILL_MIN_BYTES and not shared
         read = self.io_mode == "read" or (self.io_mode == "auto" and cold and not small)
         why = f"{cached:.0%} cached" if cached is not None else f"FASTHUG_IO={self.io_mode}"
         if not read or size == 0:
@@ -181,18 +205,21 @@ class Materializer:
         if self.populate:
             self._populate.add(name)
         fill = self._fills[name] = FileFill(name, size, self.chunk_bytes)
-        mine = range(len(fill.spans))
-        if owned is not None:
+        if shared:
             fill.shared = True
-            mine = [index for index in mine if (name, index) in owned]
-        self.io[name] = f"read: {len(mine)} of {len(fill.spans)} preadv chunks, {self.threads} threads ({why})"
-        for index in mine:
+            self.io[name] = f"read: {len(fill.spans)} preadv chunks shared with the other ranks, {self.threads} threads ({why})"
+            return  # _share_fills queues the reads
+        self.io[name] = f"read: {len(fill.spans)} preadv chunks, {self.threads} threads ({why})"
+        for index in range(len(fill.spans)):
             self._pool.submit(self._fill_job, fill, index)
 
     def _fill_job(self, fill: FileFill, index: int) -> None:
         if self._failed is not None:
             fill.cancel(index, self._failed)
             return
+        self._read_chunk(fill, index)
+
+    def _read_chunk(self, fill: FileFill, index: int) -> None:
         began = time.perf_counter()
         fill.read_chunk(index)
         with self._stats_lock:
@@ -359,9 +386,9 @@ class Materializer:
     def close(self, cancel: bool = False) -> None:
         if cancel and self._failed is None:
             self._failed = FastPathError("load abandoned")
-        if cancel and self.share is not None:
-            self.share.post_done(self._failed)  # peers still waiting stop now, not at their timeout
         self._pool.shutdown(wait=True, cancel_futures=cancel)
+        for share, _, _ in self._shares:
+            share.stopped = True  # chunks read by then are posted; unclaimed ones are the other ranks' to read
         for streamer in self._streamers.values():
             streamer.close()
 
