@@ -201,3 +201,20 @@ def test_a_late_rank_reads_nothing_and_loads_everything(checkpoint):
     assert sharing.startswith("shared: rank 1 read 0 of ")
     for name, want in tensors.items():
         assert torch.equal(got[name], want), name
+
+
+class _BrokenStore:
+    """A job's store that has gone away (its server rank died): every request fails."""
+
+    def __getattr__(self, name):
+        def fail(*args, **kwargs):
+            raise RuntimeError("Connection reset by peer")
+        return fail
+
+
+def test_a_store_that_fails_makes_the_rank_raise_at_once_not_wait(checkpoint):
+    path, _ = checkpoint
+    began = time.perf_counter()
+    with pytest.raises(DistributedLoadError, match="the job's store failed .*Connection reset by peer"):
+        _load_as_rank(_BrokenStore(), 0, 2, path)
+    assert time.perf_counter() - began < 5  # not the 5 s timeout, nor FASTHUG_DIST_TIMEOUT_S

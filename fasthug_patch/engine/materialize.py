@@ -148,12 +148,15 @@ class Materializer:
     def _claim_job(self, share, chunks) -> None:
         if self._failed is not None:
             return  # nothing claimed: the other ranks read what is left
-        number = share.claim()
-        if number is None:
-            return
-        fill, index = chunks[number]
-        self._read_chunk(fill, index)  # even if this load fails meanwhile: the other ranks wait for it
-        share.post(number, fill.outcome(index))
+        try:
+            number = share.claim()
+            if number is None:
+                return
+            fill, index = chunks[number]
+            self._read_chunk(fill, index)  # even if this load fails meanwhile: the other ranks wait for it
+            share.post(number, fill.outcome(index))
+        except Exception as exc:  # noqa: BLE001 - the job's store failed: this rank cannot take part
+            _cancel_all(chunks, 0, _store_failed(share, exc))
 
     def _follow_share(self, share, chunks) -> None:
         """Mark each chunk read as soon as its reader (this rank or another) reports it, in
@@ -166,8 +169,10 @@ class Materializer:
                 if not share.wait(number, f"bytes {start}..{start + length} of {fill.path}"):
                     return  # the load ended
             except DistributedLoadError as exc:
-                for later_fill, later_index in chunks[number:]:
-                    later_fill.cancel(later_index, exc)
+                _cancel_all(chunks, number, exc)
+                return
+            except Exception as exc:  # noqa: BLE001
+                _cancel_all(chunks, number, _store_failed(share, exc))
                 return
             fill.mark_read(index)
 
@@ -391,6 +396,19 @@ class Materializer:
             share.stopped = True  # chunks read by then are posted; unclaimed ones are the other ranks' to read
         for streamer in self._streamers.values():
             streamer.close()
+
+
+def _cancel_all(chunks, first: int, error: BaseException) -> None:
+    """Fail whoever waits for ``chunks[first:]`` (those already done are left as they are)."""
+    for fill, index in chunks[first:]:
+        fill.cancel(index, error)
+
+
+def _store_failed(share, exc: BaseException):
+    from fasthug_patch.errors import DistributedLoadError
+
+    return DistributedLoadError(f"rank {share.group.rank}: the job's store failed while the ranks shared the "
+                                f"reading ({type(exc).__name__}: {exc}); it stops rather than load weights never read")
 
 
 def needs_cast(source, dtype) -> bool:
