@@ -79,3 +79,72 @@ def test_unreadable_thp_mode_means_plain_allocation(monkeypatch):
         assert host_memory.empty((1024, 2048), torch.float32).untyped_storage().resizable()
     finally:
         host_memory.thp_mode.cache_clear()
+
+
+def _resident_pages(tensor) -> tuple[int, int]:
+    """(resident, all) of the pages wholly inside ``tensor``'s bytes (mincore)."""
+    import ctypes
+    import mmap
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mincore.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p)
+    begin = tensor.data_ptr() + (-tensor.data_ptr()) % mmap.PAGESIZE
+    end = tensor.data_ptr() + tensor.numel() * tensor.element_size()
+    end -= end % mmap.PAGESIZE
+    pages = (end - begin) // mmap.PAGESIZE
+    vec = (ctypes.c_ubyte * pages)()
+    assert libc.mincore(begin, end - begin, vec) == 0, ctypes.get_errno()
+    return sum(v & 1 for v in vec), pages
+
+
+def test_prefault_backs_fresh_pages_without_changing_them():
+    import mmap
+
+    mapping = mmap.mmap(-1, 64 << 20, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)  # never touched
+    fresh = torch.frombuffer(mapping, dtype=torch.float32)
+    piece = fresh[1000:3_000_000]  # starts and ends inside pages
+    assert _resident_pages(piece)[0] == 0
+    host_memory.prefault(piece)
+    if not host_memory._populate_write_works:
+        pytest.skip("kernel without MADV_POPULATE_WRITE")
+    resident, pages = _resident_pages(piece)
+    assert resident == pages > 2900
+    assert _resident_pages(fresh[3_001_024:])[0] == 0  # nothing past it
+    assert int(piece.count_nonzero()) == 0
+    del fresh, piece
+
+
+def test_casts_hold_at_most_cast_threads_slots(tmp_path, monkeypatch):
+    import threading
+
+    from fasthug_patch.engine import materialize
+
+    monkeypatch.setenv("FASTHUG_CAST_THREADS", "2")
+    tensors = {f"w{i}": torch.randn(512, 1024) for i in range(8)}
+    path = str(tmp_path / "m.safetensors")
+    save_file(tensors, path)
+    busy, most, lock = [0], [0], threading.Lock()
+    real = host_memory.prefault
+
+    def counting(piece):
+        with lock:
+            busy[0] += 1
+            most[0] = max(most[0], busy[0])
+        try:
+            threading.Event().wait(0.01)  # long enough for the other threads to pile up
+            real(piece)
+        finally:
+            with lock:
+                busy[0] -= 1
+
+    monkeypatch.setattr(host_memory, "prefault", counting)
+    engine = Materializer(threads=8, chunk_bytes=256 << 10, populate=None)
+    try:
+        refs = CheckpointIndex().tensors([path])
+        got = {name: engine.submit(ref, torch.bfloat16) for name, ref in refs.items()}
+        for name, future in got.items():
+            assert torch.equal(future.result(timeout=30), tensors[name].to(torch.bfloat16)), name
+    finally:
+        engine.close()
+    assert most[0] == 2, most[0]
+    assert materialize.settings.cast_threads() == 2

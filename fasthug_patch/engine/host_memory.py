@@ -22,10 +22,17 @@ reporting balloon) the first case is the one that applies.
 The tensor owns its mapping (torch.frombuffer keeps it alive); it is unmapped when the
 last tensor over it is freed, like any other storage. Small tensors, a kernel without
 transparent huge pages (mode "never"), or the setting off get plain torch.empty.
+
+Whatever the pages, ``prefault`` backs a piece of such a tensor with memory in one
+madvise(MADV_POPULATE_WRITE) call just before a cast writes it, instead of one page fault
+per page taken in the middle of the copy. On the reference VM a 1B fp32 -> bf16 cast with
+it took 0.64-0.79 s (median of 6) against 0.85 s without, bf16 -> fp32 1.56-1.68 s against
+1.81 s.
 """
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import math
 import mmap
@@ -38,6 +45,9 @@ HUGE_PAGE = 2 << 20
 MIN_BYTES = 4 << 20
 THP_MODE_FILE = "/sys/kernel/mm/transparent_hugepage/enabled"
 MADV_HUGEPAGE = getattr(mmap, "MADV_HUGEPAGE", 14)
+MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)  # Linux 5.14+
+PAGE = mmap.PAGESIZE
+_populate_write_works = True
 
 
 @functools.lru_cache(maxsize=1)
@@ -82,3 +92,26 @@ def _huge_bytes(nbytes: int):
     pad = -probe.data_ptr() % HUGE_PAGE
     del probe
     return torch.frombuffer(mapping, dtype=torch.uint8, count=nbytes, offset=pad)
+
+
+def prefault(piece) -> None:
+    """Back the whole pages of ``piece`` (a contiguous CPU tensor about to be written) with
+    memory now. Edge pages it shares with neighbours are left to the copy. A no-op where
+    the kernel lacks MADV_POPULATE_WRITE, or once it has refused."""
+    global _populate_write_works
+    if not _populate_write_works:
+        return
+    begin = piece.data_ptr()
+    end = begin + piece.numel() * piece.element_size()
+    first, last = begin + (-begin) % PAGE, end - end % PAGE
+    if last <= first:
+        return
+    if _libc().madvise(first, last - first, MADV_POPULATE_WRITE) != 0:
+        _populate_write_works = False  # EINVAL on an older kernel: the copy faults the pages in
+
+
+@functools.lru_cache(maxsize=1)
+def _libc():
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+    return libc

@@ -93,6 +93,7 @@ class Materializer:
         self._viewed: set[tuple[str, int]] = set()  # (file, offset) handed out zero-copy
         self._prepare_lock = threading.Lock()
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="fasthug-reader")
+        self._cast_slots = threading.BoundedSemaphore(min(threads, settings.cast_threads()))
         self._failed: BaseException | None = None
         self._stats_lock = threading.Lock()
         self.bytes_read = 0
@@ -362,10 +363,10 @@ class Materializer:
             populate = ref.file in self._cold
             for start, count in spans:
                 self._run(assembly, _cast_mapped_span, dst_flat, src_flat, start, count, mapped, fill, populate,
-                          release, ref)
+                          release, ref, self._cast_slots)
         else:
             for start, count in spans:
-                self._run(assembly, _copy_span, dst_flat, src_flat, start, count)
+                self._run(assembly, _copy_span, dst_flat, src_flat, start, count, self._cast_slots)
         return future
 
     # -- execution ------------------------------------------------------------
@@ -419,8 +420,13 @@ def needs_cast(source, dtype) -> bool:
     return dtype != (source.torch_dtype() if isinstance(source, TensorRef) else source.dtype)
 
 
-def _copy_span(dst_flat, src_flat, start: int, count: int) -> None:
-    dst_flat[start : start + count].copy_(src_flat[start : start + count])
+def _copy_span(dst_flat, src_flat, start: int, count: int, slots) -> None:
+    """Write one span of a fresh tensor: its pages backed in one call, then the copy (a
+    cast, usually), holding one of the cast slots."""
+    piece = dst_flat[start : start + count]
+    with slots:
+        host_memory.prefault(piece)
+        piece.copy_(src_flat[start : start + count])
 
 
 def _populate_span(mapped, fill: FileFill | None, ref: TensorRef, start: int, length: int, always: bool) -> None:
@@ -430,7 +436,7 @@ def _populate_span(mapped, fill: FileFill | None, ref: TensorRef, start: int, le
 
 
 def _cast_mapped_span(dst_flat, src_flat, start: int, count: int, mapped, fill, populate: bool, release: bool,
-                      ref: TensorRef) -> None:
+                      ref: TensorRef, slots) -> None:
     size = src_flat.element_size()
     if fill is not None:
         fill.wait(ref.offset + start * size, count * size)  # raises a failed read's error
@@ -438,7 +444,7 @@ def _cast_mapped_span(dst_flat, src_flat, start: int, count: int, mapped, fill, 
         mapped.populate(ref, start * size, count * size)
     else:
         mapped.check_size(ref)
-    dst_flat[start : start + count].copy_(src_flat[start : start + count])
+    _copy_span(dst_flat, src_flat, start, count, slots)
     if release:
         mapped.release(ref, start * size, count * size)
 
