@@ -42,6 +42,13 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
+# Releases whose declared dependency range admits a later release that breaks them, with
+# the pin that restores what their users had. 5.4: huggingface_hub 1.33 (inside its <2.0)
+# validates config dataclasses strictly and rejects OlmoConfig / MBartConfig /
+# M2M100Config's bool tie_word_embeddings (declared int) in stock and patched alike;
+# 1.7.0 accepts them.
+EXTRA_PINS = {"5.4.": ["huggingface_hub==1.7.0"]}
+
 
 def _version_table():
     """capabilities.TESTED and CI_SUBSET, read from the source: this script runs under a bare
@@ -108,10 +115,14 @@ def build_env(release: str) -> Path:
         subprocess.run([sys.executable, "-m", "venv", str(env)], check=True)
         # After the venv's own site-packages on sys.path, so the overlay's pins win.
         Path(_site_packages(python), "_fasthug_matrix_base.pth").write_text(_site_packages(base_python) + "\n")
-        _pip(python, f"transformers=={release}")
+        _pip(python, f"transformers=={release}", *extra_pins(release))
         marker.write_text("")
     _pip(python, "--no-deps", "--force-reinstall", str(package_wheel()))
     return python
+
+
+def extra_pins(release: str) -> list[str]:
+    return [pin for prefix, pins in EXTRA_PINS.items() if release.startswith(prefix) for pin in pins]
 
 
 _WHEEL: list[Path] = []
