@@ -155,5 +155,5 @@ def _env_seconds(name: str, default: float) -> float:
 
 
 def dist_timeout_seconds() -> float:
-    """How long a rank waits for the others to finish their part before raising."""
+    """How long a rank waits for a chunk another rank claimed to be read before raising."""
     return _env_seconds(DIST_TIMEOUT_VAR, 600.0)
