@@ -32,12 +32,12 @@ it took 0.64-0.79 s (median of 6) against 0.85 s without, bf16 -> fp32 1.56-1.68
 
 from __future__ import annotations
 
-import ctypes
 import functools
 import math
 import mmap
 
 from fasthug_patch import settings
+from fasthug_patch.engine.mapped import madvise_inside
 
 HUGE_PAGE = 2 << 20
 # Below this a tensor is mostly edge pages; torch's allocator (which may reuse memory) is
@@ -46,7 +46,6 @@ MIN_BYTES = 4 << 20
 THP_MODE_FILE = "/sys/kernel/mm/transparent_hugepage/enabled"
 MADV_HUGEPAGE = getattr(mmap, "MADV_HUGEPAGE", 14)
 MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)  # Linux 5.14+
-PAGE = mmap.PAGESIZE
 _populate_write_works = True
 
 
@@ -101,17 +100,5 @@ def prefault(piece) -> None:
     global _populate_write_works
     if not _populate_write_works:
         return
-    begin = piece.data_ptr()
-    end = begin + piece.numel() * piece.element_size()
-    first, last = begin + (-begin) % PAGE, end - end % PAGE
-    if last <= first:
-        return
-    if _libc().madvise(first, last - first, MADV_POPULATE_WRITE) != 0:
+    if madvise_inside(piece.data_ptr(), piece.numel() * piece.element_size(), MADV_POPULATE_WRITE):
         _populate_write_works = False  # EINVAL on an older kernel: the copy faults the pages in
-
-
-@functools.lru_cache(maxsize=1)
-def _libc():
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
-    return libc

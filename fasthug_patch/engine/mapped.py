@@ -34,6 +34,16 @@ class _NotSupported(Exception):
     pass
 
 
+def madvise_inside(address: int, length: int, advice: int) -> int:
+    """madvise(``advice``) over the pages wholly inside [address, address+length): edge
+    pages shared with neighbouring memory are left alone. 0, or the call's errno."""
+    first = address + (-address) % PAGE
+    end = (address + length) - (address + length) % PAGE
+    if end <= first or _libc.madvise(first, end - first, advice) == 0:
+        return 0
+    return ctypes.get_errno()
+
+
 def _populate(address: int, length: int) -> None:
     """MADV_POPULATE_READ over [address, address+length), widened to whole pages."""
     aligned = address - address % PAGE
@@ -132,12 +142,8 @@ class MappedFile:
 
     def release_address(self, address: int, length: int) -> None:
         """Unmap the pages wholly inside [address, address+length) of this mapping."""
-        if not self.holds(address, length):
-            return
-        first = address + (-address) % PAGE
-        end = (address + length) - (address + length) % PAGE
-        if end > first:
-            _libc.madvise(first, end - first, MADV_DONTNEED)
+        if self.holds(address, length):
+            madvise_inside(address, length, MADV_DONTNEED)
 
     def check_size(self, ref: TensorRef) -> None:
         """Raise CheckpointError if ``ref``'s bytes are no longer all inside the file."""
