@@ -50,6 +50,7 @@ class Facts:
     device_kinds: frozenset[str] = frozenset()  # "cpu", "cuda", "disk", "auto", "meta", ...
     quantization: str | None = None  # quant method, when quantizing or pre-quantised
     quant_library: str | None = None  # the bitsandbytes version, when quantization is bitsandbytes
+    pre_quantized: bool | None = None  # the checkpoint holds quantised weights (known at the load stage)
     tensor_parallel: bool = False
     deepspeed_zero3: bool = False
     fsdp_low_mem: bool = False
@@ -128,6 +129,24 @@ def _device_reason(f: Facts, also=frozenset()) -> str:
 BNB = "bitsandbytes"
 # Lines whose adapter routes bitsandbytes loads (quantize ops, pre-quantised tensors).
 _QUANT_LINES = ("v5",)
+# From this 4.x release the adapter also places pre-quantised bitsandbytes checkpoints: 4.57
+# hands each quantised tensor to the quantizer's create_quantized_param, and so do we. Older
+# lines ask check_quantized_param with other arguments; they stay stock.
+PREQUANTISED_FROM = (4, 57)
+
+
+def _bnb_on_stock_line(f: Facts) -> bool:
+    if f.quantization != BNB or adapter_line(f.transformers_version) in _QUANT_LINES:
+        return False
+    return not (f.pre_quantized and version_tuple(f.transformers_version) >= PREQUANTISED_FROM)
+
+
+def _bnb_line_reason(f: Facts) -> str:
+    if version_tuple(f.transformers_version) >= PREQUANTISED_FROM:
+        return (f"bitsandbytes quantising on the fly loads through the stock loader on transformers "
+                f"{f.transformers_version}; the fast path quantises on 5.x (pre-quantised checkpoints are fast here)")
+    return (f"bitsandbytes loads through the stock loader on transformers {f.transformers_version}; the fast path "
+            "quantises on 5.x and places pre-quantised checkpoints from 4.57")
 
 
 def _bnb_verified(version: str | None) -> bool:
@@ -166,10 +185,10 @@ RULES: list[Rule] = [
         "with bitsandbytes only",
     ),
     Rule(
-        "bnb-line", "call+load", "bitsandbytes on a transformers line before 5.x",
-        lambda f: f.quantization == BNB and adapter_line(f.transformers_version) not in _QUANT_LINES,
-        lambda f: f"bitsandbytes loads through the stock loader on transformers {f.transformers_version}; "
-        "the fast path quantises on transformers 5.x",
+        "bnb-line", "call+load",
+        "bitsandbytes before 5.x, except a pre-quantised checkpoint on 4.57 (known once its config is read)",
+        _bnb_on_stock_line,
+        _bnb_line_reason,
     ),
     Rule(
         "bnb-version", "call+load", "bitsandbytes missing, or a release the parity tests have not checked",

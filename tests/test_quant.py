@@ -16,6 +16,9 @@ from tests.tiny import tiny_llama_config
 bnb = pytest.importorskip("bitsandbytes")
 IS_V5 = capabilities.adapter_line(transformers.__version__) == "v5"
 needs_v5 = pytest.mark.skipif(not IS_V5, reason="the fast path quantises on transformers 5.x")
+PLACES_PREQUANTISED = capabilities.version_tuple(transformers.__version__) >= capabilities.PREQUANTISED_FROM
+needs_prequant_line = pytest.mark.skipif(not PLACES_PREQUANTISED,
+                                         reason="pre-quantised checkpoints are placed by the fast path from 4.57")
 needs_verified_bnb = pytest.mark.skipif(not quant.bnb_verified(quant.bnb_version()),
                                         reason=f"bitsandbytes {quant.bnb_version()} is not a verified release")
 
@@ -261,22 +264,69 @@ def test_quantised_load_with_a_cast(llama_bf16, small_pieces):
     assert_same_pair(pair, {"input_ids": torch.arange(8).view(1, 8)}, context="nf4 fp16")
 
 
-@needs_v5
-@needs_verified_bnb
-def test_quantised_checkpoint_loads_as_stock(llama_bf16, tmp_path):
-    """save_pretrained of a quantised model, loaded again: weights, SCB and quant_state placed
-    as they are, no re-quantisation."""
+@pytest.fixture(scope="module")
+def prequantised(llama_bf16, tmp_path_factory):
+    """save_pretrained of stock's int8 and nf4 (double-quantised, bf16 compute) models."""
+    out = {}
     for name in ("int8", "nf4-double-bf16"):
         config = transformers.BitsAndBytesConfig(**CONFIGS[name])
         with fasthug_patch.disabled():
             model = transformers.AutoModelForCausalLM.from_pretrained(llama_bf16, quantization_config=config,
                                                                       device_map="cpu")
-        saved = str(tmp_path / name)
-        model.save_pretrained(saved)
-        pair = load_pair(transformers.AutoModelForCausalLM, saved, device_map="cpu")
-        assert pair.report.path == "fast", pair.report
-        assert_same_pair(pair, {"input_ids": torch.arange(8).view(1, 8)}, context=f"pre-quantised {name}")
-        assert _bnb_attributes(pair.stock) == _bnb_attributes(pair.fast)
+        out[name] = str(tmp_path_factory.mktemp("prequantised") / name)
+        model.save_pretrained(out[name])
+    return out
+
+
+@needs_prequant_line
+@needs_verified_bnb
+@pytest.mark.parametrize("name", ["int8", "nf4-double-bf16"])
+def test_quantised_checkpoint_loads_as_stock(prequantised, name):
+    """A pre-quantised checkpoint: weights, SCB and quant_state placed as they are, no
+    re-quantisation (5.x, and 4.57 through the quantizer's create_quantized_param)."""
+    pair = load_pair(transformers.AutoModelForCausalLM, prequantised[name], device_map="cpu")
+    assert pair.report.path == "fast", pair.report
+    assert pair.report.tensors_mapped > 0  # the quantised bytes were handed over zero-copy
+    assert_same_pair(pair, {"input_ids": torch.arange(8).view(1, 8)}, context=f"pre-quantised {name}")
+    assert _bnb_attributes(pair.stock) == _bnb_attributes(pair.fast)
+    assert _bnb_attributes(pair.fast), "nothing was quantised"
+
+
+@needs_prequant_line
+@needs_verified_bnb
+def test_quantised_checkpoint_through_a_model_class(prequantised):
+    """Without an Auto class the config is read inside from_pretrained: the load stage
+    learns that the checkpoint is pre-quantised and still takes the fast path."""
+    cls = transformers.LlamaForCausalLM
+    pair = load_pair(cls, prequantised["int8"], device_map="cpu")
+    assert pair.report.path == "fast", pair.report
+    assert_same_pair(pair, {"input_ids": torch.arange(8).view(1, 8)}, context="pre-quantised int8, model class")
+
+
+@pytest.mark.skipif(IS_V5, reason="5.x has no per-tensor is_serializable")
+@needs_prequant_line
+@needs_verified_bnb
+def test_int8_serializable_is_asked_once_per_load(prequantised, monkeypatch):
+    """4.57's 8-bit quantizer asks is_serializable (a package-metadata read) per tensor; the
+    fast path asks once, and leaves nothing behind on the quantizer."""
+    from transformers.quantizers.quantizer_bnb_8bit import Bnb8BitHfQuantizer
+
+    asked, quantizers = [], []
+    original = Bnb8BitHfQuantizer.is_serializable
+
+    def counting(self, *args, **kwargs):
+        asked.append(self)
+        quantizers.append(self)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(Bnb8BitHfQuantizer, "is_serializable", counting)
+    with fasthug_patch.enabled():
+        model = transformers.AutoModelForCausalLM.from_pretrained(prequantised["int8"], device_map="cpu")
+    assert fasthug_patch.last_report().path == "fast"
+    quantised = [m for m in model.modules() if isinstance(m, bnb.nn.Linear8bitLt)]
+    # once while loading, once more by stock's _process_model_after_weight_loading
+    assert quantised and len(asked) <= 2, len(asked)
+    assert all("is_serializable" not in vars(q) for q in quantizers)
 
 
 # -- the capability table ----------------------------------------------------------------------
@@ -309,10 +359,20 @@ def test_bitsandbytes_on_a_gpu_runs_stock():
     assert not decision.fast and decision.rule == "load-bnb-device"
 
 
-def test_bitsandbytes_before_5x_runs_stock():
-    facts = Facts(transformers_version="4.57.6", quantization="bitsandbytes", quant_library="0.50.2",
-                  device_kinds=frozenset({"cpu"}))
-    assert capabilities.decide(facts, "call").rule == "bnb-line"
+@pytest.mark.parametrize("version, pre_quantized, fast", [
+    ("4.57.6", False, False),  # on the fly: stock
+    ("4.57.6", None, False),  # not known yet (quantization_config passed, no config): stock
+    ("4.57.6", True, True),  # pre-quantised: placed by the fast path
+    ("4.56.2", True, False),  # older lines ask check_quantized_param: stock
+    ("4.43.4", True, False),
+    ("5.23.0", False, True),
+])
+def test_bitsandbytes_lines(version, pre_quantized, fast):
+    facts = Facts(transformers_version=version, quantization="bitsandbytes", quant_library="0.50.2",
+                  device_kinds=frozenset({"cpu"}), pre_quantized=pre_quantized)
+    for stage in ("call", "load"):
+        decision = capabilities.decide(facts, stage)
+        assert decision.fast == fast and (fast or decision.rule == "bnb-line"), (stage, decision)
 
 
 def test_verified_bitsandbytes_on_cpu_is_fast():

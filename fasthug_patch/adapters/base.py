@@ -119,6 +119,9 @@ class Adapter:
             device_kinds=capabilities.device_kinds(kwargs.get("device_map")),
             quantization=(method := _quant_method(quant) or _quant_method(config_quant)),
             quant_library=quant_library(method),
+            # Auto classes pass the loaded config: a quantization_config in it means the
+            # checkpoint was saved quantised. Without a config it is known at the load stage.
+            pre_quantized=(config_quant is not None) if config is not None else None,
             tensor_parallel=any(kwargs.get(k) is not None for k in ("tp_plan", "tp_size", "device_mesh"))
             or kwargs.get("distributed_config") is not None,
             deepspeed_zero3=self._deepspeed_zero3(),

@@ -7,16 +7,19 @@ calls _load_state_dict_into_meta_model. That function, per tensor: reads the sli
 _infer_parameter_dtype for the target dtype, casts, makes it contiguous, moves it to its
 device and assigns it with _load_parameter_into_model.
 
-For the cases the capability table admits (CPU targets, no quantizer, no mesh, no FSDP
-rank juggling) we do the same per-tensor steps with stock's own helpers for the dtype and
-the assignment, but materialise every tensor of the shard in parallel through the engine
-first. Anything else calls the stock function unchanged.
+For the cases the capability table admits (CPU targets, no mesh, no FSDP rank juggling, no
+quantizer but a pre-quantised bitsandbytes checkpoint on 4.57) we do the same per-tensor
+steps with stock's own helpers for the dtype and the assignment (the quantizer's
+create_quantized_param for quantised tensors), but materialise every tensor of the shard in
+parallel through the engine first. Anything else calls the stock function unchanged.
 """
 
 from __future__ import annotations
 
 import functools
 import inspect
+import re
+from contextlib import contextmanager
 
 from fasthug_patch import capabilities, loadcall
 from fasthug_patch.adapters.base import PatchTarget, quant_library, quant_method_of
@@ -69,6 +72,7 @@ class V4Adapter(V4LegacyAdapter):
             device_kinds=capabilities.device_kinds(device_map),
             quantization=(method := quant_method_of(quantizer)),
             quant_library=quant_library(method),
+            pre_quantized=getattr(quantizer, "pre_quantized", None),
             tensor_parallel=shard["device_mesh"] is not None,
             fsdp_low_mem=self._fsdp_low_mem(),
             weights_format="safetensors" if shard["shard_file"].endswith(".safetensors") else "bin",
@@ -100,18 +104,25 @@ class V4Adapter(V4LegacyAdapter):
 
     def _load_shard(self, call, shard, plan) -> None:
         mu = self.modeling_utils
-        model, state_dict = shard["model"], shard["state_dict"]
+        model, state_dict, quantizer = shard["model"], shard["state_dict"], shard["hf_quantizer"]
         engine = call.materializer
         pending = []
         keep_fp32 = shard.get("keep_in_fp32_regex", shard.get("keep_in_fp32_modules"))
         for name, source in plan:
-            _, dtype = mu._infer_parameter_dtype(model, name, state_dict[name], keep_fp32, shard["hf_quantizer"])
+            _, dtype = mu._infer_parameter_dtype(model, name, state_dict[name], keep_fp32, quantizer)
             pending.append((name, engine.submit(source, dtype, "cpu")))
         drop_bin = not shard["shard_file"].endswith(".safetensors") and "expected_keys" not in shard
-        for name, future in pending:
-            self._assign(model, name, future.result())
-            if drop_bin:  # as 4.57's stock: drop the loaded entry so its memory can go
-                del state_dict[name]
+        with _serializable_answered_once(quantizer):
+            for name, future in pending:
+                if quantizer is not None and quantizer.param_needs_quantization(model, name):
+                    # A pre-quantised tensor (the capability table admits no other): the quantizer
+                    # places it, as stock's loop does, from the tensor as read.
+                    quantizer.create_quantized_param(model, future.result(), name,
+                                                     _param_device(shard["device_map"], name))
+                else:
+                    self._assign(model, name, future.result())
+                if drop_bin:  # as 4.57's stock: drop the loaded entry so its memory can go
+                    del state_dict[name]
 
     def _assign(self, model, name: str, tensor) -> None:
         mu = self.modeling_utils
@@ -120,6 +131,40 @@ class V4Adapter(V4LegacyAdapter):
             return
         module, param_type = mu.get_module_from_name(model, name)  # 4.50's inline form
         module.load_state_dict({param_type: tensor}, strict=False, assign=True)
+
+
+@contextmanager
+def _serializable_answered_once(quantizer):
+    """4.57's 8-bit create_quantized_param asks ``quantizer.is_serializable()`` for every
+    tensor, and each answer reads bitsandbytes' installed metadata from disk: 0.4 s of a
+    0.7 s pre-quantised 1B int8 load on the reference VM. The answer cannot change within a
+    load, so it is asked once and a True is given back from then on (an instance attribute,
+    removed after; this quantizer belongs to this call alone). A False is left to stock,
+    which warns each time it answers."""
+    method = getattr(quantizer, "is_serializable", None)
+    if method is None or "is_serializable" in vars(quantizer) or method() is not True:
+        yield
+        return
+    quantizer.is_serializable = _always_true
+    try:
+        yield
+    finally:
+        vars(quantizer).pop("is_serializable", None)
+
+
+def _always_true(*args, **kwargs) -> bool:
+    return True
+
+
+def _param_device(device_map, name: str):
+    """The device stock's loop hands the quantizer for ``name``: the device map's entry for
+    the longest module prefix of the name (its regex, sorted the same way), "cpu" without one."""
+    if device_map is None:
+        return "cpu"
+    match = re.search("|".join(re.escape(k) for k in sorted(device_map, reverse=True)), name)
+    if match is None:
+        raise FastPathError(f"{name} has no device in the device map")
+    return device_map[match.group()]
 
 
 def _bind(wrapped, args, kwargs) -> dict:

@@ -293,9 +293,10 @@ def render(root: str) -> str:
               "hand-run commands, is in [gpu.md](gpu.md).",
               "- Quantised scenarios (S4-*, S5-*) import bitsandbytes before the timer on both sides (0.5-0.8 s "
               "here, mostly its torch.compile wrappers importing inductor), as every trial does with torch, "
-              "transformers and the modeling module. On 4.57 a pre-quantised checkpoint goes through stock's "
-              "loading internals (the `bnb-line` rule), but inside the wrapper, which keeps the garbage "
-              "collector paused for the load: that pause is the patched column's whole lead there.",
+              "transformers and the modeling module. On 4.57 a pre-quantised checkpoint is placed by the "
+              "quantizer's own create_quantized_param, as in stock's loop; most of the int8 lead is its "
+              "per-tensor bitsandbytes version check (a package-metadata read), asked once per load by the "
+              "fast path and once per tensor by stock.",
               "- fasthug 0.0.6 loads the checkpoint's own dtype whatever transformers' default; in the default "
               "(no dtype) scenario on 4.57 that is bf16 where stock gives fp32, so its model is not stock's.",
               ""]
