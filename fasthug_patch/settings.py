@@ -63,10 +63,10 @@ def reader_threads() -> int:
 
 
 def cast_threads() -> int:
-    """How many of the reader threads may cast at once. Casting is CPU work: more threads
+    """Threads of the cast pool (at most reader_threads()). Casting is CPU work: more threads
     than cores only interleave page faults (on the 2-core reference VM a 1B fp32 -> bf16
-    cast took 0.64-0.68 s median with 2-4 at once against 0.79 s with 16; reads waiting on
-    the disk do not hold a slot)."""
+    cast took 0.64-0.68 s median with 2-4 at once against 0.79 s with 16), and idle ones
+    still take turns at the GIL with the loading thread."""
     return env_int(CAST_THREADS_VAR, os.cpu_count() or 1)
 
 

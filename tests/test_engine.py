@@ -140,7 +140,7 @@ def test_error_in_a_chunk_fails_the_future_and_close_returns(checkpoint, monkeyp
     with pytest.raises(Exception):
         later.result(timeout=30)
     engine.close(cancel=True)
-    assert not [t for t in threading.enumerate() if t.name.startswith("fasthug-reader")]
+    assert not [t for t in threading.enumerate() if t.name.startswith(("fasthug-reader", "fasthug-cast"))]
 
 
 def test_no_leaked_threads_or_descriptors(checkpoint):
@@ -151,7 +151,7 @@ def test_no_leaked_threads_or_descriptors(checkpoint):
     [f.result() for f in results]
     engine.close()
     assert len(os.listdir("/proc/self/fd")) == fds_before  # the map keeps no descriptor open
-    assert not [t for t in threading.enumerate() if t.name.startswith("fasthug-reader")]
+    assert not [t for t in threading.enumerate() if t.name.startswith(("fasthug-reader", "fasthug-cast"))]
 
 
 def test_reading_is_chosen_per_file_from_its_residency(tmp_path, monkeypatch):
@@ -195,7 +195,7 @@ def test_fill_keeps_no_descriptor_or_thread(checkpoint):
     [engine.submit(ref).result() for ref in refs.values()]
     engine.close()
     assert len(os.listdir("/proc/self/fd")) == fds_before
-    assert not [t for t in threading.enumerate() if t.name.startswith("fasthug-reader")]
+    assert not [t for t in threading.enumerate() if t.name.startswith(("fasthug-reader", "fasthug-cast"))]
 
 
 def _rss_file_bytes() -> int:

@@ -72,13 +72,13 @@ if moment == "after-header":  # the header index is read, nothing mapped yet: cu
 elif moment == "in-reader-thread":  # a reader thread is about to prefault or cast a chunk of
     # a tensor of the victim: cut the file at the page where that tensor begins
     real_run = materialize.Materializer._run
-    def run(self, assembly, fn, *args):
+    def run(self, assembly, fn, *args, **options):
         def truncating(*fn_args):
             ref = next((a for a in fn_args if isinstance(a, plan.TensorRef)), None)
             if ref is not None and os.path.realpath(ref.file) == victim and ref.nbytes:
                 shrink(ref.offset - ref.offset % 4096)
             return fn(*fn_args)
-        return real_run(self, assembly, truncating, *args)
+        return real_run(self, assembly, truncating, *args, **options)
     materialize.Materializer._run = run
 elif moment == "after-mapping":  # a zero-copy view of a tensor of the victim was handed out
     real_submit = materialize.Materializer.submit
@@ -260,8 +260,11 @@ def _fd_count() -> int:
     return len(os.listdir("/proc/self/fd"))
 
 
+ENGINE_THREADS = ("fasthug-reader", "fasthug-cast")  # the engine's two pools
+
+
 def _reader_threads() -> list[threading.Thread]:
-    return [t for t in threading.enumerate() if t.name.startswith("fasthug-reader")]
+    return [t for t in threading.enumerate() if t.name.startswith(ENGINE_THREADS)]
 
 
 def _settle(baseline_threads: set, timeout: float = 10.0) -> set:
@@ -280,7 +283,7 @@ def _fail_in_reader_thread(monkeypatch, n: int) -> dict:
     calls = {"n": 0, "threads": set()}
     lock = threading.Lock()
 
-    def run(self, assembly, fn, *args):
+    def run(self, assembly, fn, *args, **options):
         def failing(*fn_args):
             with lock:
                 calls["n"] += 1
@@ -290,7 +293,7 @@ def _fail_in_reader_thread(monkeypatch, n: int) -> dict:
                 raise OSError(5, "simulated read failure in a reader thread")
             return fn(*fn_args)
 
-        return real_run(self, assembly, failing, *args)
+        return real_run(self, assembly, failing, *args, **options)
 
     monkeypatch.setattr(materialize.Materializer, "_run", run)
     return calls
@@ -316,7 +319,7 @@ def test_reader_thread_error_cancels_the_load_cleanly(good, monkeypatch, path_ki
     monkeypatch.undo()
 
     assert calls["n"] >= 3, "the fault was never injected"
-    assert all(name.startswith("fasthug-reader") for name in calls["threads"]), calls["threads"]
+    assert all(name.startswith(ENGINE_THREADS) for name in calls["threads"]), calls["threads"]
     assert report.path == "fallback" and "simulated read failure" in report.reason, report.reason
     assert_same_model(stock, fast)
     assert not _reader_threads(), "reader threads left behind"
