@@ -379,3 +379,17 @@ def test_verified_bitsandbytes_on_cpu_is_fast():
     facts = Facts(transformers_version="5.23.0", quantization="bitsandbytes", quant_library="0.50.2",
                   device_kinds=frozenset({"cpu"}))
     assert capabilities.decide(facts, "call").fast and capabilities.decide(facts, "load").fast
+
+
+def test_quantised_tensor_device_is_stocks_choice():
+    """The device handed to create_quantized_param: the device map's entry found by stock's
+    regex (longer keys first, so layers.10 is not taken for layers.1)."""
+    from fasthug_patch.adapters.v4 import _param_device
+
+    device_map = {"model.layers.1": "cpu", "model.layers.10": "disk", "": 0}
+    assert _param_device(device_map, "model.layers.10.mlp.down_proj.weight") == "disk"
+    assert _param_device(device_map, "model.layers.1.mlp.down_proj.weight") == "cpu"
+    assert _param_device(device_map, "lm_head.weight") == 0
+    assert _param_device(None, "lm_head.weight") == "cpu"
+    with pytest.raises(Exception, match="has no device"):
+        _param_device({"model.layers.1": "cpu"}, "lm_head.weight")
