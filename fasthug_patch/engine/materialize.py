@@ -371,11 +371,11 @@ class Materializer:
             size = src_flat.element_size()
             for start, count in spans:
                 cast = (_cast_mapped_span, dst_flat, src_flat, start, count, mapped, not populate, release, ref)
-                if fill is None and not populate:
-                    self._run(assembly, *cast, pool=self._cast_pool)
-                else:  # its bytes are waited for (or read in) by a reader, then cast by a caster
-                    self._run(assembly, _source_ready, mapped, fill, populate, ref, start * size, count * size,
+                if populate:  # a cold file (any fill is of one): a reader waits for or reads in its bytes
+                    self._run(assembly, _populate_span, mapped, fill, ref, start * size, count * size, True,
                               then=cast)
+                else:
+                    self._run(assembly, *cast, pool=self._cast_pool)
         else:
             for start, count in spans:
                 self._run(assembly, _copy_span, dst_flat, src_flat, start, count, pool=self._cast_pool)
@@ -453,15 +453,6 @@ def _copy_span(dst_flat, src_flat, start: int, count: int) -> None:
 def _populate_span(mapped, fill: FileFill | None, ref: TensorRef, start: int, length: int, always: bool) -> None:
     filled = fill is not None and fill.wait(ref.offset + start, length)
     if always or (fill is not None and not filled):  # asked, or the fill stopped short of these bytes
-        mapped.populate(ref, start, length)
-
-
-def _source_ready(mapped, fill: FileFill | None, populate: bool, ref: TensorRef, start: int, length: int) -> None:
-    """Bytes [start, start+length) of ``ref`` in memory: its fill waited for (raising a
-    failed read's error), and read in by MADV_POPULATE_READ where asked."""
-    if fill is not None:
-        fill.wait(ref.offset + start, length)
-    if populate:
         mapped.populate(ref, start, length)
 
 
