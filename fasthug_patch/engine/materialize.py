@@ -360,6 +360,11 @@ class Materializer:
         if mapped is not None and ref.file not in self._lazy:
             # Released pages must not belong to a tensor also handed out zero-copy.
             release = (ref.file, ref.offset) not in self._viewed
+            if release:
+                # Each span unmaps its pages after its cast, but a neighbour span populated
+                # later can map them again: a page-cache folio of up to 2 MiB is mapped whole
+                # by one fault. So the tensor's pages are unmapped once more when it is done.
+                assembly.finish = lambda: _release_and_set(mapped, ref, future, dst)
             # A file truncated under the mapping must be an exception naming it, not a SIGBUS
             # in copy_. A cold file's chunk is faulted in by MADV_POPULATE_READ first (an
             # EFAULT, and the read happens there anyway); a cached file's chunk only has its
@@ -454,6 +459,11 @@ def _populate_span(mapped, fill: FileFill | None, ref: TensorRef, start: int, le
     filled = fill is not None and fill.wait(ref.offset + start, length)
     if always or (fill is not None and not filled):  # asked, or the fill stopped short of these bytes
         mapped.populate(ref, start, length)
+
+
+def _release_and_set(mapped, ref: TensorRef, future: Future, value) -> None:
+    mapped.release(ref, 0, ref.nbytes)
+    future.set_result(value)
 
 
 def _cast_mapped_span(dst_flat, src_flat, start: int, count: int, mapped, check_size: bool, release: bool,
