@@ -38,7 +38,10 @@ def _parser() -> argparse.ArgumentParser:
     q = b.add_mutually_exclusive_group()
     q.add_argument("--load-in-8bit", action="store_true", help="bitsandbytes 8-bit quantization_config")
     q.add_argument("--load-in-4bit", action="store_true", help="bitsandbytes 4-bit (nf4) quantization_config")
-    b.add_argument("--forward", action="store_true", help="also time the first forward pass")
+    b.add_argument("--no-forward", dest="forward", action="store_false",
+                   help="skip the first forward pass (timed by default, its logits compared)")
+    b.add_argument("--forward", dest="forward", action="store_true", help=argparse.SUPPRESS)  # the old opt-in
+    b.set_defaults(forward=True)
     b.add_argument("--no-ceilings", dest="ceilings", action="store_false",
                    help="skip measuring memory / page-cache / disk bandwidth ceilings")
     b.add_argument("--modes", default="stock,patched", help=argparse.SUPPRESS)

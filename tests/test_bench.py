@@ -198,6 +198,12 @@ def _fake(mode, ready, phase="measure", digest="d" * 64, **extra):
             "tie_digest": "t", "forward_digest": None, **extra}
 
 
+def test_ready_gbps():
+    assert runner.ready_gbps(2_200_000_000, 2.0) == pytest.approx(1.1)
+    assert runner.ready_gbps(None, 2.0) is None and runner.ready_gbps(1000, None) is None
+    assert runner.ready_gbps(1000, 0.0) is None
+
+
 def test_compute_stats_ratios_identical():
     trials = [_fake("stock", 99.0, phase="warmup"), _fake("patched", 99.0, phase="warmup")]
     trials += [_fake("stock", v) for v in (4.0, 6.0, 5.0)] + [_fake("patched", v) for v in (1.0, 3.0, 2.0)]
@@ -233,17 +239,22 @@ def test_run_bench_order_and_result(tiny, monkeypatch):
     calls = []
 
     def fake_run_trial(path, mode, dtype, device, forward, quant, python, timeout):
-        calls.append(mode)
+        calls.append((mode, forward))
         return _fake(mode, 2.0 if mode == "stock" else 1.0, weight_bytes=1000, model_class="X",
                      versions={"python": "3", "torch": "t", "transformers": "tf"},
                      fasthug={"path": "fast", "reason": ""} if mode == "patched" else None)
 
     monkeypatch.setattr(runner, "run_trial", fake_run_trial)
     result = runner.run_bench(tiny, n=3, warmup=1, cold=True, progress=False, dtype="bf16")
-    assert calls == ["stock", "patched", "stock", "patched", "patched", "stock", "stock", "patched"]
+    assert [mode for mode, _ in calls] == ["stock", "patched", "stock", "patched", "patched", "stock", "stock",
+                                           "patched"]
+    assert all(forward for _, forward in calls)  # the first forward pass runs unless asked not to
     assert [t["phase"] for t in result["trials"]].count("warmup") == 2
     assert all(t["resident_before"] is not None for t in result["trials"])  # measured after each evict
     assert result["ratio"]["ready_s"] == pytest.approx(2.0)
+    nbytes = result["checkpoint_bytes"]
+    assert nbytes > 0 and result["stats"]["patched"]["ready_gbps"]["median"] == pytest.approx(nbytes / 1e9 / 1.0)
+    assert result["ratio"]["ready_gbps"] == pytest.approx(2.0)  # a rate: patched/stock, > 1 still means faster
     assert result["identical"] is True
     assert result["fasthug"]["paths"] == {"fast": 4}
     m = result["machine"]
@@ -251,6 +262,8 @@ def test_run_bench_order_and_result(tiny, monkeypatch):
     assert m["transformers"] == "tf"
     assert "fasthug_patch.cli bench" in result["command"] and "--cold" in result["command"]
     assert "--dtype bf16" in result["command"] and "-n 3 --warmup 1" in result["command"]
+    assert "--no-forward" not in result["command"]
+    assert "--no-forward" in runner.run_bench(tiny, n=1, warmup=0, progress=False, forward=False)["command"]
     json.dumps(result)  # plain JSON-able
     table = runner.format_table(result)
     assert "COLD" in table
@@ -391,6 +404,9 @@ def test_format_table():
     assert "cold disk pread 2.00 GB/s @4 threads (0.55s for the files)" in runner.format_table(result)
     assert "memcpy (prefaulted) 10.00 GB/s (0.22s for the weights)" in runner.format_table(result)
     assert "rerun: `python -m fasthug_patch.cli bench /x/ckpt`" in table
+    assert "logits identical" not in table  # no forward pass ran
+    result["forward_identical"] = False
+    assert "logits identical across the stock and patched trials: **NO**" in runner.format_table(result)
     result["identical"] = False
     assert "**NO**" in runner.format_table(result)
 
@@ -410,6 +426,8 @@ def test_cli_bench(tiny, tmp_path):
                           env=_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr[-2000:]
     assert "| time to ready (s) |" in proc.stdout and "**yes**" in proc.stdout
+    assert "| first forward pass (s) |" in proc.stdout and "| checkpoint GB/s to ready (GB/s) |" in proc.stdout
+    assert "logits identical across the stock and patched trials: **yes**" in proc.stdout
     assert "ceilings: memcpy" in proc.stdout
     result = json.loads(out_json.read_text())
     assert result["identical"] is True and [t["mode"] for t in result["trials"]] == ["stock", "patched"]

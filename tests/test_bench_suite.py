@@ -46,7 +46,8 @@ def test_skip_reasons(key, info, size, skipped):
 
 
 def _result(scenario, size, stock, patched, cold=False, **extra):
-    trials = [_fake("stock", stock), _fake("patched", patched)]
+    trials = [_fake("stock", stock, ready_gbps=runner.ready_gbps(2.2e9, stock)),
+              _fake("patched", patched, ready_gbps=runner.ready_gbps(2.2e9, patched))]
     modes = ("stock", "patched")
     stats = runner.compute_stats(trials, modes)
     out = {"scenario": scenario, "size": size, "title": _scenario(scenario).title, "modes": list(modes),
@@ -83,6 +84,23 @@ def test_render_reads_every_result_and_says_what_was_skipped(tmp_path):
     # of ceiling, cold: 2.2 GB at 2.2 GB/s = 1 s, against 1.25 s patched
     assert "| 80% |" in page
     assert "bench S2" in page  # the command to rerun it
+    # patched GB/s: the checkpoint's 2.2 GB over patched time to ready, 1.25 s
+    row = next(line for line in page.splitlines() if line.startswith("| S2 "))
+    assert "| 1.60x | 1.76 |" in row
+
+
+def test_render_shows_the_first_forward_pass_and_logits_that_differ(tmp_path):
+    root = str(tmp_path)
+    result = _result("S1", "1b", 0.30, 0.25)
+    for trial, seconds in zip(result["trials"], (0.5, 0.4)):
+        trial["forward_s"] = seconds
+    result["stats"] = runner.compute_stats(result["trials"], ("stock", "patched"))
+    _write(root, "5.23.0", "S1-1b.json", dict(result, forward_identical=True))
+    row = next(line for line in suite.render(root).splitlines() if line.startswith("| S1 "))
+    assert "| 0.50 / 0.40 |" in row and row.endswith("| yes |")
+    _write(root, "5.23.0", "S1-1b.json", dict(result, forward_identical=False))
+    row = next(line for line in suite.render(root).splitlines() if line.startswith("| S1 "))
+    assert row.endswith("| yes, but the logits differ |")
 
 
 def test_rows_from_different_machines_are_labelled(tmp_path):

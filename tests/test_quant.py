@@ -166,6 +166,28 @@ def test_the_mode_is_thread_local():
     assert seen == [0]
 
 
+def _quant_threads():
+    import threading
+
+    return [t for t in threading.enumerate() if t.name.startswith("fasthug-quant")]
+
+
+def test_the_quantize_pool_lives_as_long_as_its_holders():
+    """One pool for all holders at once, gone with the last: its idle threads would keep
+    OpenMP teams that slow the user's model down afterwards (quant.quantize_pool)."""
+    assert not _quant_threads()
+    with quant.quantize_pool() as outer:
+        with quant.quantize_pool() as inner:
+            assert inner is outer
+            assert outer.submit(lambda: 7).result() == 7
+        assert _quant_threads()  # the outer holder keeps it
+    assert not _quant_threads()
+    with pytest.raises(RuntimeError):
+        outer.submit(lambda: 7)  # shut down
+    assert quant._run_pieces(lambda start: start, range(3)) == [0, 1, 2]  # alone: a pool for that op only
+    assert not _quant_threads()
+
+
 def test_inputs_are_released_after_convert_unless_the_result_shares_them():
     released = []
     source, kept = torch.ones(8), torch.zeros(8)
@@ -251,6 +273,27 @@ def test_quantised_sources_leave_the_process(llama_bf16, monkeypatch):
                                                                   device_map="cpu")
     quantised = [m for m in model.modules() if isinstance(m, bnb.nn.Linear8bitLt)]
     assert quantised and found == [True] * len(quantised)
+
+
+@needs_v5
+@needs_verified_bnb
+def test_no_quantize_threads_outlive_the_load(llama_bf16, small_pieces, monkeypatch):
+    """The pieces run on the load's quantize workers, and those are gone when
+    from_pretrained returns; a failed load leaves none either."""
+    ran_on = set()
+    int8_rows = quant.int8_rows_in_pieces
+
+    def recording(func, A, threshold=0.0):
+        ran_on.update(t.name for t in _quant_threads())
+        return int8_rows(func, A, threshold)
+
+    monkeypatch.setitem(quant._PIECEWISE, next(k for k, v in quant._PIECEWISE.items() if v is int8_rows), recording)
+    config = transformers.BitsAndBytesConfig(load_in_8bit=True)
+    with fasthug_patch.enabled():
+        transformers.AutoModelForCausalLM.from_pretrained(llama_bf16, quantization_config=config, device_map="cpu")
+        assert fasthug_patch.last_report().path == "fast"
+    assert small_pieces["pieces"] > 0 and ran_on  # the pool was up while the weights were quantised
+    assert not _quant_threads()
 
 
 @needs_v5

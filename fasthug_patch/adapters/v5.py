@@ -13,6 +13,7 @@ renaming, MoE fusion, tying, missing keys) stays stock's.
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import sys
 
@@ -136,6 +137,8 @@ def _quantize_in_pieces(quantizer, release_source):
 
     stock = quantizer.get_quantize_ops
     had_own = "get_quantize_ops" in vars(quantizer)
+    held = contextlib.ExitStack()
+    held.enter_context(quant.quantize_pool())  # the quantize workers live as long as the load
 
     def get_quantize_ops():
         op = stock()
@@ -149,6 +152,7 @@ def _quantize_in_pieces(quantizer, release_source):
             quantizer.get_quantize_ops = stock
         else:
             del quantizer.get_quantize_ops
+        held.close()
 
     return restore
 

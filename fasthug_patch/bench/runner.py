@@ -25,14 +25,18 @@ from fasthug_patch.engine.residency import file_residency
 TRIAL_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "trial.py")
 PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-# (key in the trial JSON, label, unit scale, unit); "lower is better" for all.
+# (key in the trial JSON, label, unit scale, unit); lower is better except for HIGHER_IS_BETTER.
 METRICS = (
     ("from_pretrained_s", "from_pretrained", 1.0, "s"),
     ("ready_s", "time to ready", 1.0, "s"),
+    ("ready_gbps", "checkpoint GB/s to ready", 1.0, "GB/s"),
     ("forward_s", "first forward pass", 1.0, "s"),
     ("peak_rss_bytes", "peak RSS", 1e-9, "GB"),
     ("rss_after_bytes", "RSS when ready", 1e-9, "GB"),
 )
+# Rates: their ratio is taken the other way round (patched/stock), so that for every metric
+# a ratio above 1 means patched did better.
+HIGHER_IS_BETTER = frozenset({"ready_gbps"})
 
 
 # --------------------------------------------------------------------------- page cache
@@ -110,11 +114,23 @@ def compute_stats(trials: list[dict], modes) -> dict:
 
 def compute_ratios(stats: dict, modes) -> dict:
     """modes[0] median / modes[1] median per metric (stock/patched: > 1 means patched
-    is faster, or smaller for memory)."""
+    is faster, or smaller for memory); the inverse for rates (HIGHER_IS_BETTER), so > 1
+    means patched did better whatever the metric."""
     if len(modes) < 2:
         return {}
     a, b = stats[modes[0]], stats[modes[1]]
-    return {key: ratio((a.get(key) or {}).get("median"), (b.get(key) or {}).get("median")) for key, *_ in METRICS}
+    ratios = {}
+    for key, *_ in METRICS:
+        first, second = (a.get(key) or {}).get("median"), (b.get(key) or {}).get("median")
+        ratios[key] = ratio(second, first) if key in HIGHER_IS_BETTER else ratio(first, second)
+    return ratios
+
+
+def ready_gbps(checkpoint_bytes: int | None, ready_s: float | None) -> float | None:
+    """The checkpoint's bytes over the time to ready, in GB/s: the rate the whole load ran at."""
+    if not checkpoint_bytes or not ready_s:
+        return None
+    return checkpoint_bytes / 1e9 / ready_s
 
 
 # Modes that promise the stock model. Others (fasthug 0.0.6) are compared, not required to match.
@@ -216,8 +232,8 @@ def rerun_command(path, modes, n, warmup, cold, dtype, device, forward, python, 
         parts += ["--device", device]
     if cold:
         parts.append("--cold")
-    if forward:
-        parts.append("--forward")
+    if not forward:
+        parts.append("--no-forward")
     if quant:
         parts.append(f"--load-in-{quant}")
     if not ceilings:
@@ -229,7 +245,7 @@ def rerun_command(path, modes, n, warmup, cold, dtype, device, forward, python, 
 
 def run_bench(path, modes=("stock", "patched"), n: int = 5, warmup: int = 1, cold: bool = False,
               dtype: str = "default", python: str = sys.executable, progress: bool = True,
-              device: str = "cpu", forward: bool = False, quant: str | None = None,
+              device: str = "cpu", forward: bool = True, quant: str | None = None,
               ceilings: bool = False, timeout: float | None = None) -> dict:
     """Warmup rounds, then ``n`` ABBA rounds of ``modes``, each trial a fresh process.
 
@@ -244,6 +260,7 @@ def run_bench(path, modes=("stock", "patched"), n: int = 5, warmup: int = 1, col
         raise ValueError(f"--cold needs the checkpoint's files on disk; {path!r} is not a local path "
                          "nor in the hub cache")
     started = time.time()
+    checkpoint_bytes = sum(os.path.getsize(f) for f in checkpoints.weight_files(local)) if local else None
     ceiling = None
     if ceilings:
         if local is None:
@@ -264,7 +281,8 @@ def run_bench(path, modes=("stock", "patched"), n: int = 5, warmup: int = 1, col
             elif local is not None:
                 resident = residency(local)
             result = run_trial(path, step["mode"], dtype, device, forward, quant, python, timeout)
-            result.update(step, index=i, resident_before=resident)
+            result.update(step, index=i, resident_before=resident,
+                          ready_gbps=ready_gbps(checkpoint_bytes, result.get("ready_s")))
             trials.append(result)
             if bar is not None:
                 bar.set_postfix_str(f"ready {result['ready_s']:.2f}s")
@@ -298,7 +316,7 @@ def run_bench(path, modes=("stock", "patched"), n: int = 5, warmup: int = 1, col
         "quant": quant,
         "model_class": first.get("model_class"),
         "weight_bytes": first.get("weight_bytes"),
-        "checkpoint_bytes": sum(os.path.getsize(f) for f in checkpoints.weight_files(local)) if local else None,
+        "checkpoint_bytes": checkpoint_bytes,
         "loaded_dtypes": first.get("dtypes"),
         "stats": stats,
         "ratio": compute_ratios(stats, modes),
@@ -382,6 +400,9 @@ def format_table(result: dict) -> str:
     lines.append("")
     lines.append("- time to ready = from_pretrained + one byte read in every 4 KiB page of every weight "
                  "(all pages resident); ratio > 1 means patched is faster / smaller")
+    if result.get("forward_identical") is not None:
+        lines.append("- first forward pass: logits identical across the stock and patched trials: "
+                     f"**{'yes' if result['forward_identical'] else 'NO'}**")
     ident = "yes" if result.get("identical") else "NO"
     exact = [t for t in result.get("trials", []) if t.get("mode", "stock") in EXACT_MODES]
     lines.append(f"- weights identical across all {len(exact)} stock and patched trials (one digest of names, dtypes, "

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import glob
 import json
+import math
 import os
 import re
 import statistics
@@ -181,6 +182,19 @@ def _cell(stats: dict, mode: str, key: str, scale: float = 1.0) -> str:
     return "–" if not s else f"{s['median'] * scale:.2f} ({s['min'] * scale:.2f}–{s['max'] * scale:.2f})"
 
 
+def _median(stats: dict, mode: str, key: str, scale: float = 1.0) -> str:
+    s = (stats.get(mode) or {}).get(key)
+    return "–" if not s else f"{s['median'] * scale:.2f}"
+
+
+def _same_model(result: dict) -> str:
+    """'yes' when every stock and patched trial had one weight digest (and, where a forward
+    pass ran, one logits digest)."""
+    if not result.get("identical"):
+        return "NO"
+    return "yes, but the logits differ" if result.get("forward_identical") is False else "yes"
+
+
 def _portable(command: str) -> str:
     """The rerun command as run from a checkout's root (the suite may have run from a copy)."""
     if command.startswith("PYTHONPATH="):
@@ -223,7 +237,9 @@ def render(root: str) -> str:
              "page resident (one byte read in every 4 KiB page), with the modeling module imported "
              "beforehand. Cold runs evict the checkpoint's pages with `posix_fadvise(POSIX_FADV_DONTNEED)` "
              "before every trial. *Same model* means every stock and patched trial gave the same digest "
-             "(sha256, or xxh3-128 where xxhash is installed) over all weights' names, dtypes, shapes and bytes, and the same tied groups.", "",
+             "(sha256, or xxh3-128 where xxhash is installed) over all weights' names, dtypes, shapes and bytes, and the same tied groups, and the first "
+             "forward pass (16 fixed tokens, timed after the load) the same logits. *Patched GB/s* is the "
+             "checkpoint's bytes over patched time to ready.", "",
              "The checkpoints are Llama-architecture models with seeded random weights built locally "
              "(`fasthug_patch.bench.checkpoints`): 125m (~0.2B with its 32k vocabulary), 1b (TinyLlama-1.1B "
              "shape), 3b (Llama-3.2-3B body, sharded in 2 GB files).", "",
@@ -243,9 +259,10 @@ def render(root: str) -> str:
         rows = sorted(by_version[version], key=lambda r: (order.get(r.get("scenario"), 99), SIZES.index(r["size"])
                                                           if r.get("size") in SIZES else 9))
         lines += [f"## transformers {version}", "",
-                  "| scenario | size | GB | stock ready s | patched ready s | stock/patched | fasthug 0.0.6 ready s "
-                  "| peak RSS stock / patched GB | of ceiling | same model |",
-                  "|---|---|---|---|---|---|---|---|---|---|"]
+                  "| scenario | size | GB | stock ready s | patched ready s | stock/patched | patched GB/s "
+                  "| fasthug 0.0.6 ready s | peak RSS stock / patched GB | first forward stock / patched s "
+                  "| of ceiling | same model |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         skipped = []
         for r in rows:
             if r.get("skipped"):
@@ -261,13 +278,14 @@ def render(root: str) -> str:
                 if not (r.get("matches_stock") or {}).get("fasthug", False):
                     fh += " (not the stock model)"
             speedup = "–" if ratio.get("ready_s") is None else f"{ratio['ready_s']:.2f}x"
-            rss = f"{_cell(stats, 'stock', 'peak_rss_bytes', 1e-9).split()[0]} / {_cell(stats, 'patched', 'peak_rss_bytes', 1e-9).split()[0]}"
+            rss = f"{_median(stats, 'stock', 'peak_rss_bytes', 1e-9)} / {_median(stats, 'patched', 'peak_rss_bytes', 1e-9)}"
+            forward = f"{_median(stats, 'stock', 'forward_s')} / {_median(stats, 'patched', 'forward_s')}"
             tag = f" [{machines[describe_machine(r['machine'])]}]" if len(machines) > 1 else ""
             lines.append(
                 f"| {r['scenario']} {r.get('title', '')}{tag} | {r['size']} | {(r.get('checkpoint_bytes') or 0) / 1e9:.2f} "
                 f"| {_cell(stats, 'stock', 'ready_s')} | {_cell(stats, 'patched', 'ready_s')} "
-                f"| {speedup} | {fh} | {rss} "
-                f"| {'–' if frac is None else f'{frac:.0%}'} | {'yes' if r.get('identical') else 'NO'} |")
+                f"| {speedup} | {_median(stats, 'patched', 'ready_gbps')} | {fh} | {rss} | {forward} "
+                f"| {'–' if frac is None else f'{frac:.0%}'} | {_same_model(r)} |")
         lines.append("")
         lines += skipped
         if skipped:
@@ -335,6 +353,15 @@ def render_ranks(root: str) -> list[str]:
 PLOTTED = ("S1", "S2", "S3", "S3c", "D4")
 
 
+def _minor_label(value: float, _position=None) -> str:
+    """Label the 2x and 5x minor ticks of a log axis only, so decades spanning a wide range
+    do not run their labels into each other."""
+    if value <= 0:
+        return ""
+    leading = round(value / 10 ** math.floor(math.log10(value)))
+    return f"{value:g}" if leading in (2, 5) else ""
+
+
 def plot(root: str, filename: str) -> None:
     """Time to ready against checkpoint size, stock (dashed) vs patched (solid), one panel
     per transformers line, one colour per scenario; whiskers are min-max."""
@@ -348,11 +375,15 @@ def plot(root: str, filename: str) -> None:
     versions = sorted({r["_version_dir"] for r in results}, reverse=True)
     if not versions:
         return
-    fig, axes = plt.subplots(1, len(versions), figsize=(6.5 * len(versions), 4.6), squeeze=False)
+    cols = min(2, len(versions))  # two panels a row, so the page shows them at a readable size
+    rows = (len(versions) + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(6.5 * cols, 4.6 * rows), squeeze=False)
+    for spare in axes.flat[len(versions):]:
+        spare.set_visible(False)
     colours = dict(zip(PLOTTED, ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e")))
-    from matplotlib.ticker import NullFormatter
+    from matplotlib.ticker import FuncFormatter, NullFormatter
 
-    for ax, version in zip(axes[0], versions):
+    for ax, version in zip(axes.flat, versions):
         sizes_seen: set[float] = set()
         for key in PLOTTED:
             rows = sorted((r for r in results if r["_version_dir"] == version and r["scenario"] == key),
@@ -372,6 +403,8 @@ def plot(root: str, filename: str) -> None:
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))  # 0.3, not 3x10^-1
+        ax.yaxis.set_minor_formatter(FuncFormatter(_minor_label))
         ax.set_xticks(sorted(sizes_seen), [f"{x:.2g}" for x in sorted(sizes_seen)])
         ax.set_xlabel("checkpoint size (GB)")
         ax.set_ylabel("time to ready (s): median, min-max")
