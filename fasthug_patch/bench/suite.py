@@ -376,8 +376,8 @@ def plot(root: str, filename: str) -> None:
     if not versions:
         return
     cols = min(2, len(versions))  # two panels a row, so the page shows them at a readable size
-    rows = (len(versions) + cols - 1) // cols
-    fig, axes = plt.subplots(rows, cols, figsize=(6.5 * cols, 4.6 * rows), squeeze=False)
+    grid_rows = (len(versions) + cols - 1) // cols
+    fig, axes = plt.subplots(grid_rows, cols, figsize=(6.5 * cols, 4.6 * grid_rows), squeeze=False)
     for spare in axes.flat[len(versions):]:
         spare.set_visible(False)
     colours = dict(zip(PLOTTED, ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e")))
