@@ -75,11 +75,12 @@ def quantize_pool():
     whoever holds them (a quantising load, from start to end, or a single op) and shut
     down when the last holder is done.
 
-    Not kept between loads: a thread that ran torch ops keeps its OpenMP team after, and
-    with more OpenMP threads alive than cores libgomp stops spinning at its barriers, so
-    every parallel op of the user's model then pays a futex wake-up. Measured on the 2-core
-    VM, a 1b model quantised to int8 on the fly: forward 0.41 s with the pool kept, 0.27-0.30 s
-    once it was shut down, and 0.29-0.31 s after stock's load."""
+    Not kept between loads: idle threads that ran torch ops slow the user's model down
+    afterwards (most likely because each keeps an OpenMP team, and with more OpenMP threads
+    alive than cores libgomp stops spinning at its barriers, so every parallel op pays a
+    futex wake-up). Measured on the 2-core VM, a 1b model quantised to int8 on the fly:
+    forward 0.41 s with the pool kept, 0.27-0.30 s once it was shut down, and 0.29-0.31 s
+    after stock's load."""
     global _pool, _pool_holders
     with _pool_lock:
         if _pool is None:
