@@ -432,6 +432,7 @@ def test_cli_bench(tiny, tmp_path):
     result = json.loads(out_json.read_text())
     assert result["identical"] is True and [t["mode"] for t in result["trials"]] == ["stock", "patched"]
     assert result["ceilings"]["cold_read_gbps"] > 0 and result["ceilings"]["memcpy_gbps"] > 0
+    assert result["ceilings"]["fresh_write_gbps"] > 0  # a new process's first write, the floor of a cast
     assert result["fasthug"]["paths"] == {"fast": 1}
     if HAS_MPL:
         assert out_png.stat().st_size > 1000

@@ -123,6 +123,40 @@ def test_ceiling_fraction_needs_all_inputs():
     assert warm and suite.ceiling_fraction(warm) == pytest.approx(1.0)
 
 
+def test_a_warm_cast_is_measured_against_writing_its_result_into_fresh_memory(tmp_path):
+    ceilings = {"memcpy_gbps": 10.0, "fresh_write_gbps": 4.0, "cold_read_gbps": 1.0}
+    # D4: a 2.2 GB bf16 checkpoint loaded as 4.4 GB of fp32; 4.4 GB at 4 GB/s = 1.1 s, patched 2.2 s
+    d4 = _result("D4", "1b", 3.0, 2.2, ceilings=ceilings, weight_bytes=4.4e9)
+    assert runner.is_warm_cast(d4) and suite.ceiling_fraction(d4) == pytest.approx(0.5)
+    # the same sizes cold, or quantised, or same-dtype: not a warm cast, the old ceilings
+    cold = dict(d4, cold=True)
+    assert not runner.is_warm_cast(cold) and suite.ceiling_fraction(cold) == pytest.approx(2.2 / 1.0 / 2.2)
+    assert not runner.is_warm_cast(dict(d4, quant="8bit"))
+    same = _result("S1", "1b", 1.0, 0.5, ceilings=ceilings)
+    assert not runner.is_warm_cast(same) and suite.ceiling_fraction(same) == pytest.approx(2.2 / 10.0 / 0.5)
+    # a warm cast measured before the floor existed shows no figure rather than the memcpy one
+    assert suite.ceiling_fraction(dict(d4, ceilings={"memcpy_gbps": 10.0})) is None
+    # the page says what the floor allows: stock 3.0 s over 1.1 s
+    assert suite.cast_floor_lines([d4, same, cold]) == [
+        "- D4 1b: 4.40 GB at 4.00 GB/s = 1.10 s; stock 3.00 s, patched 2.20 s; at most 2.73x over stock is possible"]
+    root = str(tmp_path)
+    _write(root, "4.57.6", "D4-1b.json", d4)
+    assert "at most 2.73x over stock is possible" in suite.render(root)
+
+
+def test_a_warm_cast_gets_its_floor_measured_at_the_size_of_its_result():
+    cast = _result("D4", "1b", 3.0, 2.2, ceilings={"memcpy_gbps": 10.0}, weight_bytes=64 << 20)
+    runner.add_cast_floor(cast)
+    assert cast["ceilings"]["fresh_write_bytes"] == 64 << 20 and cast["ceilings"]["fresh_write_gbps"] > 0
+    assert cast["ceilings"]["memcpy_gbps"] == 10.0
+    same = _result("S1", "1b", 1.0, 0.5, ceilings={"memcpy_gbps": 10.0})
+    runner.add_cast_floor(same)
+    assert same["ceilings"] == {"memcpy_gbps": 10.0}
+    failed = dict(cast, ceilings={"error": "ceiling run failed"})
+    runner.add_cast_floor(failed)
+    assert failed["ceilings"] == {"error": "ceiling run failed"}
+
+
 def test_plot_writes_a_png(tmp_path):
     pytest.importorskip("matplotlib")
     root = str(tmp_path)

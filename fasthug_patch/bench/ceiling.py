@@ -2,6 +2,10 @@
 
 * memory copy bandwidth: a large torch tensor copy, into prefaulted memory and into
   freshly allocated memory (which pays the page faults a loader pays);
+* fresh-memory write bandwidth: a new process allocates a buffer and writes every byte of
+  it once (torch's fill_, on all cores), as a cast load must write its result. The memcpy
+  figure above reuses memory its own process just freed, which some hypervisors back more
+  cheaply than the memory a new process gets; this one is the floor of a cast load;
 * warm page-cache read bandwidth through mmap: the checkpoint's files mapped afresh and
   copied out in 16 MiB chunks (1 thread and one per core, best);
 * cold parallel disk read bandwidth: evict the files, then N threads of os.preadv in
@@ -50,6 +54,38 @@ def memcpy_gbps(nbytes: int = 512 << 20, repeats: int = 3) -> dict:
         best_fresh = max(best_fresh, nbytes / (time.perf_counter() - t0) / 1e9)
         del fresh
     return {"memcpy_gbps": best, "fresh_memcpy_gbps": best_fresh, "memcpy_bytes": nbytes}
+
+
+FRESH_WRITE_BYTES_VAR = "FASTHUG_CEILING_FRESH_MB"
+FRESH_WRITE_MIN, FRESH_WRITE_MAX = 256 << 20, 8 << 30
+_FRESH_WRITE = """
+import sys, time, torch
+n = int(sys.argv[1])
+t0 = time.perf_counter()
+torch.empty(n, dtype=torch.uint8).fill_(1)
+print(n / (time.perf_counter() - t0) / 1e9)
+"""
+
+
+def fresh_write_gbps(nbytes: int, repeats: int = 3, python: str | None = None) -> dict:
+    """Best-of-``repeats`` bandwidth of allocating ``nbytes`` ($FASTHUG_CEILING_FRESH_MB
+    overrides) and writing each byte once, each repeat in a new process (after its
+    imports, which are not timed), with ``python`` (default: this interpreter). Measure it
+    at the size of the result a load writes: on the reference VM the figure falls with the size
+    (3.8-4.1 GB/s for 2 GiB, 2.8-2.9 GB/s for 4.3 GiB) and varies run to run."""
+    import subprocess
+    import sys
+
+    if os.environ.get(FRESH_WRITE_BYTES_VAR):
+        nbytes = int(os.environ[FRESH_WRITE_BYTES_VAR]) << 20
+    best = 0.0
+    for _ in range(repeats):
+        proc = subprocess.run([python or sys.executable, "-c", _FRESH_WRITE, str(nbytes)], capture_output=True,
+                              text=True)
+        if proc.returncode != 0:
+            return {}
+        best = max(best, float(proc.stdout.split()[-1]))
+    return {"fresh_write_gbps": best, "fresh_write_bytes": nbytes}
 
 
 def h2d_gbps(nbytes: int = 1 << 30, repeats: int = 5) -> dict:
@@ -211,6 +247,9 @@ def measure_all(path, threads=THREADS) -> dict:
     began = time.perf_counter()
     out = {"path": os.fspath(path)}
     out.update(memcpy_gbps())
+    # As large as the checkpoint (bounded): how much fresh memory a load asks for changes the figure.
+    file_bytes = sum(os.path.getsize(f) for f in checkpoints.weight_files(path)) if os.path.isdir(path) else 0
+    out.update(fresh_write_gbps(min(max(file_bytes, FRESH_WRITE_MIN), FRESH_WRITE_MAX)))
     out.update(h2d_gbps())
     out.update(cold_read_gbps(path, threads))
     out.update(mmap_warm_gbps(path))  # last: leaves the checkpoint in the page cache

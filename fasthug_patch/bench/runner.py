@@ -303,7 +303,7 @@ def run_bench(path, modes=("stock", "patched"), n: int = 5, warmup: int = 1, col
                         "threads": reports[-1].get("threads"), "last_summary": reports[-1].get("summary")}
     machine = machine_info()
     machine.update(first.get("versions", {}))
-    return {
+    result = {
         "path": str(path),
         "local_path": local,
         "modes": list(modes),
@@ -330,6 +330,25 @@ def run_bench(path, modes=("stock", "patched"), n: int = 5, warmup: int = 1, col
         "seconds": time.time() - started,
         "trials": trials,
     }
+    add_cast_floor(result, python)
+    return result
+
+
+def is_warm_cast(result: dict) -> bool:
+    """A warm CPU load whose result has another size than its checkpoint: a dtype cast."""
+    return (not result.get("cold") and not result.get("quant") and "cuda" not in str(result.get("device"))
+            and bool(result.get("weight_bytes")) and result.get("weight_bytes") != result.get("checkpoint_bytes"))
+
+
+def add_cast_floor(result: dict, python: str = sys.executable) -> None:
+    """For a warm cast with measured ceilings: add a new process's first-write rate at the
+    size of the loaded weights (the floor of any cast load; the per-checkpoint figure is
+    measured at the checkpoint's size, and the rate depends on the size)."""
+    from fasthug_patch.bench import ceiling
+
+    ceilings = result.get("ceilings")
+    if ceilings and not ceilings.get("error") and is_warm_cast(result):
+        result["ceilings"] = {**ceilings, **ceiling.fresh_write_gbps(int(result["weight_bytes"]), python=python)}
 
 
 def run_ceilings(path, python: str = sys.executable, timeout: float | None = None) -> dict:
@@ -441,6 +460,8 @@ def format_ceilings(c: dict, weight_bytes: int | None, file_bytes: int | None = 
     parts = []
     for key, label, nbytes, what in (("memcpy_gbps", "memcpy (prefaulted)", weight_bytes, "weights"),
                                      ("fresh_memcpy_gbps", "memcpy into fresh memory", weight_bytes, "weights"),
+                                     ("fresh_write_gbps", "first write of a new process's memory", weight_bytes,
+                                      "weights"),
                                      ("mmap_warm_gbps", "warm page cache via mmap", file_bytes, "files"),
                                      ("cold_read_gbps", "cold disk pread", file_bytes, "files"),
                                      ("h2d_pinned_gbps", "host-to-device from pinned memory", file_bytes, "files"),

@@ -139,6 +139,7 @@ def run(pythons, sizes, scenario_keys, n: int, warmup: int, root: str) -> None:
                 if path not in ceilings_done:
                     ceilings_done[path] = runner.run_ceilings(path, python=python)
                 result["ceilings"] = ceilings_done[path]
+                runner.add_cast_floor(result, python)
                 result.update(scenario=scenario.key, size=size, title=scenario.title)
                 _save(out, result)
                 print(runner.format_table(result), flush=True)
@@ -164,17 +165,38 @@ def load_results(root: str) -> list[dict]:
 
 def ceiling_fraction(result: dict) -> float | None:
     """Time to ready at the ceiling / patched time to ready: cold runs against the parallel
-    disk read ceiling over the checkpoint's bytes, warm ones against memory copy bandwidth
-    over the checkpoint's bytes."""
+    disk read ceiling over the checkpoint's bytes; warm casts (the loaded weights' bytes
+    differ from the checkpoint's, no quantisation) against a new process's first write of
+    the loaded weights' bytes, since every byte of a cast result is written into fresh
+    memory; other warm runs against memory copy bandwidth over the checkpoint's bytes."""
     c = result.get("ceilings") or {}
     patched = ((result.get("stats") or {}).get("patched") or {}).get("ready_s") or {}
     nbytes = result.get("checkpoint_bytes")
     key = "cold_read_gbps" if result.get("cold") else "memcpy_gbps"
     if "cuda" in str(result.get("device")) and not result.get("cold"):
         key = "h2d_pinned_gbps"
+    elif runner.is_warm_cast(result):
+        key, nbytes = "fresh_write_gbps", result.get("weight_bytes")
     if not (c.get(key) and patched.get("median") and nbytes):
         return None
     return nbytes / 1e9 / c[key] / patched["median"]
+
+
+def cast_floor_lines(rows: list[dict]) -> list[str]:
+    """One line per warm cast row with a measured floor: the floor, and the most any loader
+    could gain over stock there (stock's time to ready over the floor)."""
+    out = []
+    for r in rows:
+        gbps = (r.get("ceilings") or {}).get("fresh_write_gbps")
+        stock = (((r.get("stats") or {}).get("stock") or {}).get("ready_s") or {}).get("median")
+        patched = (((r.get("stats") or {}).get("patched") or {}).get("ready_s") or {}).get("median")
+        if r.get("skipped") or not runner.is_warm_cast(r) or not (gbps and stock and patched):
+            continue
+        floor = r["weight_bytes"] / 1e9 / gbps
+        out.append(f"- {r['scenario']} {r['size']}: {r['weight_bytes'] / 1e9:.2f} GB at {gbps:.2f} GB/s = "
+                   f"{floor:.2f} s; stock {stock:.2f} s, patched {patched:.2f} s; at most {stock / floor:.2f}x "
+                   "over stock is possible")
+    return out
 
 
 def _cell(stats: dict, mode: str, key: str, scale: float = 1.0) -> str:
@@ -290,6 +312,10 @@ def render(root: str) -> str:
         lines += skipped
         if skipped:
             lines.append("")
+        floors = cast_floor_lines(rows)
+        if floors:
+            lines += ["Fresh-memory floor of the warm casts (the loaded weights' bytes at the first-write rate of a "
+                      "new process, measured in the row's run):", ""] + floors + [""]
         ceil = next((r for r in rows if r.get("ceilings") and r.get("size") == "1b" and not r.get("skipped")), None)
         if ceil:
             lines += ["Ceilings on the 1b checkpoint, same run: "
@@ -305,6 +331,10 @@ def render(root: str) -> str:
               "parallel `preadv` read of the files; warm: a memory copy of that many bytes) divided by "
               "patched time to ready, so 100% means the load ran at the ceiling. Time to ready includes "
               "building the model, which the ceiling does not.",
+              "- For warm casts (S3, D4) the ceiling is a new process writing the loaded weights' bytes into "
+              "memory it just allocated (best of 3 processes): a cast writes every byte of its result into "
+              "fresh memory, so no loader, stock or patched, can be ready sooner. Stock's time over that "
+              "floor is the most any loader could gain over stock there.",
               "- Peak RSS counts mapped checkpoint pages; a zero-copy load holds the checkpoint's bytes, a cast "
               "load should hold only the result's.",
               "- GPU scenarios (S4g-*, S6*) need a CUDA machine; what was measured on a lent H100 so far, by "
