@@ -108,7 +108,7 @@ def main(argv=None) -> int:
               flush=True)
         if label == "measure":
             rounds[kind].append(results)
-    size_bytes = sum(os.path.getsize(f) for f in checkpoints.weight_files(checkpoint))
+    size_bytes = checkpoints.weight_bytes(checkpoint)
     single = [r[0]["ready_s"] for r in rounds["single"]]
     slowest = [max(x["ready_s"] for x in r) for r in rounds["ranks"]]
     digests = {x["digest"] for r in rounds["single"] + rounds["ranks"] for x in r}

@@ -56,7 +56,6 @@ def memcpy_gbps(nbytes: int = 512 << 20, repeats: int = 3) -> dict:
     return {"memcpy_gbps": best, "fresh_memcpy_gbps": best_fresh, "memcpy_bytes": nbytes}
 
 
-FRESH_WRITE_BYTES_VAR = "FASTHUG_CEILING_FRESH_MB"
 FRESH_WRITE_MIN, FRESH_WRITE_MAX = 256 << 20, 8 << 30
 _FRESH_WRITE = """
 import sys, time, torch
@@ -68,16 +67,14 @@ print(n / (time.perf_counter() - t0) / 1e9)
 
 
 def fresh_write_gbps(nbytes: int, repeats: int = 3, python: str | None = None) -> dict:
-    """Best-of-``repeats`` bandwidth of allocating ``nbytes`` ($FASTHUG_CEILING_FRESH_MB
-    overrides) and writing each byte once, each repeat in a new process (after its
-    imports, which are not timed), with ``python`` (default: this interpreter). Measure it
-    at the size of the result a load writes: on the reference VM the figure falls with the size
-    (3.8-4.1 GB/s for 2 GiB, 2.8-2.9 GB/s for 4.3 GiB) and varies run to run."""
+    """Best-of-``repeats`` bandwidth of allocating ``nbytes`` and writing each byte once,
+    each repeat in a new process (after its imports, which are not timed), with ``python``
+    (default: this interpreter). Measure it at the size of the result a load writes: on
+    the reference VM the figure falls with the size (3.8-4.1 GB/s for 2 GiB, 2.8-2.9 GB/s
+    for 4.3 GiB) and varies run to run."""
     import subprocess
     import sys
 
-    if os.environ.get(FRESH_WRITE_BYTES_VAR):
-        nbytes = int(os.environ[FRESH_WRITE_BYTES_VAR]) << 20
     best = 0.0
     for _ in range(repeats):
         proc = subprocess.run([python or sys.executable, "-c", _FRESH_WRITE, str(nbytes)], capture_output=True,
@@ -248,8 +245,7 @@ def measure_all(path, threads=THREADS) -> dict:
     out = {"path": os.fspath(path)}
     out.update(memcpy_gbps())
     # As large as the checkpoint (bounded): how much fresh memory a load asks for changes the figure.
-    file_bytes = sum(os.path.getsize(f) for f in checkpoints.weight_files(path)) if os.path.isdir(path) else 0
-    out.update(fresh_write_gbps(min(max(file_bytes, FRESH_WRITE_MIN), FRESH_WRITE_MAX)))
+    out.update(fresh_write_gbps(min(max(checkpoints.weight_bytes(path), FRESH_WRITE_MIN), FRESH_WRITE_MAX)))
     out.update(h2d_gbps())
     out.update(cold_read_gbps(path, threads))
     out.update(mmap_warm_gbps(path))  # last: leaves the checkpoint in the page cache

@@ -256,6 +256,11 @@ def weight_files(path) -> list[str]:
     return sorted(found)
 
 
+def weight_bytes(path) -> int:
+    """The total size of :func:`weight_files`: the checkpoint's bytes on disk."""
+    return sum(os.path.getsize(f) for f in weight_files(path))
+
+
 def resolve_local(model_or_path) -> str | None:
     """A local directory for ``model_or_path``: itself, or the hub cache's snapshot
     (without downloading). None when there is none."""

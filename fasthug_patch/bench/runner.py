@@ -260,7 +260,7 @@ def run_bench(path, modes=("stock", "patched"), n: int = 5, warmup: int = 1, col
         raise ValueError(f"--cold needs the checkpoint's files on disk; {path!r} is not a local path "
                          "nor in the hub cache")
     started = time.time()
-    checkpoint_bytes = sum(os.path.getsize(f) for f in checkpoints.weight_files(local)) if local else None
+    checkpoint_bytes = checkpoints.weight_bytes(local) if local else None
     ceiling = None
     if ceilings:
         if local is None:
