@@ -132,6 +132,10 @@ def test_a_warm_cast_is_measured_against_writing_its_result_into_fresh_memory(tm
     cold = dict(d4, cold=True)
     assert not runner.is_warm_cast(cold) and suite.ceiling_fraction(cold) == pytest.approx(2.2 / 1.0 / 2.2)
     assert not runner.is_warm_cast(dict(d4, quant="8bit"))
+    # a pre-quantised checkpoint (S5): a few unquantised tensors are cast, the rest placed as read
+    prequantised = dict(d4, prequantized="bitsandbytes", weight_bytes=1.2311e9, checkpoint_bytes=1.2328e9)
+    assert not runner.is_warm_cast(prequantised)
+    assert suite.cast_floor_lines([prequantised]) == []
     same = _result("S1", "1b", 1.0, 0.5, ceilings=ceilings)
     assert not runner.is_warm_cast(same) and suite.ceiling_fraction(same) == pytest.approx(2.2 / 10.0 / 0.5)
     # a warm cast measured before the floor existed shows no figure rather than the memcpy one
@@ -203,3 +207,13 @@ def test_io_strategy_microbenchmarks_run(tmp_path, kind):
     strategies = [line.split()[0] for line in out.stdout.splitlines()[1:]]
     assert strategies == list(("populate", "fill_populate", "preadv_fresh", "odirect_fresh") if kind == "cold"
                               else ("mapped", "mapped_release", "prefault_release"))
+
+
+def test_quantization_method_reads_the_checkpoints_config(tmp_path):
+    from fasthug_patch.bench import checkpoints
+
+    (tmp_path / "config.json").write_text(json.dumps({"quantization_config": {"quant_method": "bitsandbytes"}}))
+    assert checkpoints.quantization_method(tmp_path) == "bitsandbytes"
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    assert checkpoints.quantization_method(tmp_path) is None
+    assert checkpoints.quantization_method(tmp_path / "missing") is None

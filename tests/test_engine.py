@@ -112,10 +112,23 @@ def test_truncated_file_is_an_error_naming_file_and_tensor(tmp_path):
     mapped = MappedFile(path)
     os.truncate(path, 4096)  # shrinks under the mapping
     with pytest.raises(CheckpointError) as info:
-        mapped.tensor(refs["w"])
+        mapped.check_size(refs["w"])  # what every reader of the bytes asks first
     assert path in str(info.value) and "'w'" in str(info.value)
     with pytest.raises(CheckpointError, match="could not be read"):
         mapped.populate(refs["w"], 0, refs["w"].nbytes)  # EFAULT, not SIGBUS
+
+
+def test_view_past_the_mapping_is_an_error_naming_file_and_tensor(tmp_path):
+    # A view reads nothing, so it is checked against the mapping alone (no stat per tensor);
+    # bytes past what was mapped are refused all the same.
+    path = str(tmp_path / "t.safetensors")
+    save_file({"w": torch.randn(64 * 1024)}, path)
+    refs = CheckpointIndex().tensors([path])
+    os.truncate(path, 4096)
+    mapped = MappedFile(path)  # mapped after the shrink: 4096 bytes
+    with pytest.raises(CheckpointError) as info:
+        mapped.tensor(refs["w"])
+    assert path in str(info.value) and "'w'" in str(info.value)
 
 
 def test_error_in_a_chunk_fails_the_future_and_close_returns(checkpoint, monkeypatch):

@@ -436,3 +436,48 @@ def test_quantised_tensor_device_is_stocks_choice():
     assert _param_device(None, "lm_head.weight") == "cpu"
     with pytest.raises(Exception, match="has no device"):
         _param_device({"model.layers.1": "cpu"}, "lm_head.weight")
+
+
+def test_submodule_lookups_are_memoised_for_one_shard_and_undone():
+    from fasthug_patch.adapters.v4 import _submodules_memoised
+
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Sequential(torch.nn.Linear(2, 2)))
+    walks = []
+    real = model.get_submodule
+
+    def counting(target):
+        walks.append(target)
+        return real(target)
+
+    with _submodules_memoised(model):
+        assert "get_submodule" in vars(model)  # on this instance alone
+        assert model.get_submodule("1.0") is model[1][0]
+        assert model.get_parameter("1.0.weight") is model[1][0].weight  # torch's helpers use it too
+        with pytest.raises(AttributeError):
+            model.get_submodule("2")  # a failed lookup fails as before...
+        with pytest.raises(AttributeError):
+            model.get_submodule("2")  # ...every time: not remembered
+    assert "get_submodule" not in vars(model)
+    assert model.get_submodule("1.0") is model[1][0]
+
+    # One walk per path while memoised: wrap the class's walk and count.
+    type(model).get_submodule, original = (lambda self, target: counting(target)), type(model).get_submodule
+    try:
+        with _submodules_memoised(model):
+            for _ in range(3):
+                model.get_submodule("1.0")
+                model.get_parameter("0.weight")
+        assert walks == ["1.0", "0"]
+    finally:
+        type(model).get_submodule = original
+
+
+def test_submodule_memo_leaves_an_instance_override_alone():
+    from fasthug_patch.adapters.v4 import _submodules_memoised
+
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2))
+    own = lambda target: "own"  # noqa: E731
+    object.__setattr__(model, "get_submodule", own)
+    with _submodules_memoised(model):
+        assert model.get_submodule("0") == "own"
+    assert vars(model)["get_submodule"] is own

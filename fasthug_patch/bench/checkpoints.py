@@ -261,6 +261,18 @@ def weight_bytes(path) -> int:
     return sum(os.path.getsize(f) for f in weight_files(path))
 
 
+def quantization_method(path) -> str | None:
+    """The quant_method a checkpoint directory's config.json was saved with (a
+    pre-quantised checkpoint: "bitsandbytes", ...), or None."""
+    try:
+        with open(os.path.join(os.fspath(path), "config.json")) as handle:
+            quant = json.load(handle).get("quantization_config")
+    except (OSError, ValueError, AttributeError):
+        return None
+    method = quant.get("quant_method") if isinstance(quant, dict) else None
+    return str(method) if method else None
+
+
 def resolve_local(model_or_path) -> str | None:
     """A local directory for ``model_or_path``: itself, or the hub cache's snapshot
     (without downloading). None when there is none."""

@@ -477,4 +477,5 @@ def _cast_mapped_span(dst_flat, src_flat, start: int, count: int, mapped, check_
 
 
 def _read_unaligned(mapped, ref: TensorRef):
+    mapped.check_size(ref)  # read here and now: still inside the file?
     return mapped.raw_bytes(ref).clone().view(ref.torch_dtype()).view(ref.shape)
