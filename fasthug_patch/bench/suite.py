@@ -184,19 +184,37 @@ def ceiling_fraction(result: dict) -> float | None:
 
 def cast_floor_lines(rows: list[dict]) -> list[str]:
     """One line per warm cast row with a measured floor: the floor, and the most any loader
-    could gain over stock there (stock's time to ready over the floor)."""
+    could gain over stock there (stock's time to ready over the floor). Where the same
+    version has an S1 row of the same size (a zero-copy load of that model), the faster
+    side's from_pretrained median there is added: building the model and the rest of
+    from_pretrained's own work, which a cast load pays as well."""
     out = []
     for r in rows:
         gbps = (r.get("ceilings") or {}).get("fresh_write_gbps")
-        stock = (((r.get("stats") or {}).get("stock") or {}).get("ready_s") or {}).get("median")
-        patched = (((r.get("stats") or {}).get("patched") or {}).get("ready_s") or {}).get("median")
+        stock = _stat(r, "stock", "ready_s")
+        patched = _stat(r, "patched", "ready_s")
         if r.get("skipped") or not runner.is_warm_cast(r) or not (gbps and stock and patched):
             continue
         floor = r["weight_bytes"] / 1e9 / gbps
-        out.append(f"- {r['scenario']} {r['size']}: {r['weight_bytes'] / 1e9:.2f} GB at {gbps:.2f} GB/s = "
-                   f"{floor:.2f} s; stock {stock:.2f} s, patched {patched:.2f} s; at most {stock / floor:.2f}x "
+        line = f"- {r['scenario']} {r['size']}: {r['weight_bytes'] / 1e9:.2f} GB at {gbps:.2f} GB/s = {floor:.2f} s"
+        building = _model_building_s(rows, r["size"])
+        if building:
+            floor += building
+            line += f", plus {building:.2f} s building the model (S1's from_pretrained) = {floor:.2f} s"
+        out.append(f"{line}; stock {stock:.2f} s, patched {patched:.2f} s; at most {stock / floor:.2f}x "
                    "over stock is possible")
     return out
+
+
+def _stat(result: dict, mode: str, key: str) -> float | None:
+    return (((result.get("stats") or {}).get(mode) or {}).get(key) or {}).get("median")
+
+
+def _model_building_s(rows: list[dict], size: str) -> float | None:
+    """The faster side's from_pretrained median of this version's S1 row of ``size``."""
+    s1 = next((r for r in rows if r.get("scenario") == "S1" and r.get("size") == size and not r.get("skipped")), None)
+    times = [t for t in (_stat(s1, m, "from_pretrained_s") for m in ("stock", "patched")) if t] if s1 else []
+    return min(times) if times else None
 
 
 def _cell(stats: dict, mode: str, key: str, scale: float = 1.0) -> str:
@@ -315,7 +333,8 @@ def render(root: str) -> str:
         floors = cast_floor_lines(rows)
         if floors:
             lines += ["Fresh-memory floor of the warm casts (the loaded weights' bytes at the first-write rate of a "
-                      "new process, measured in the row's run):", ""] + floors + [""]
+                      "new process, measured in the row's run, plus the time this version takes to build the "
+                      "model, where its S1 row was run):", ""] + floors + [""]
         ceil = next((r for r in rows if r.get("ceilings") and r.get("size") == "1b" and not r.get("skipped")), None)
         if ceil:
             lines += ["Ceilings on the 1b checkpoint, same run: "
