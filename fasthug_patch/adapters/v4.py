@@ -147,6 +147,9 @@ def _submodules_memoised(model):
     of a warm pre-quantised 1B load. While one shard is placed no module is added or
     replaced (tensors are), so each path's answer is kept for the shard, on this model
     instance alone; lookups that fail are not kept and fail as before."""
+    if "get_submodule" in vars(model):  # someone's own override: leave it be
+        yield
+        return
     walk = model.get_submodule  # the class's method, bound
     found: dict[str, object] = {}
 
@@ -156,9 +159,6 @@ def _submodules_memoised(model):
             module = found[target] = walk(target)
         return module
 
-    if "get_submodule" in vars(model):  # someone's own override: leave it be
-        yield
-        return
     object.__setattr__(model, "get_submodule", get_submodule)
     try:
         yield

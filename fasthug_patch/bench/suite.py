@@ -165,21 +165,21 @@ def load_results(root: str) -> list[dict]:
 
 def ceiling_fraction(result: dict) -> float | None:
     """Time to ready at the ceiling / patched time to ready: cold runs against the parallel
-    disk read ceiling over the checkpoint's bytes; warm casts (the loaded weights' bytes
-    differ from the checkpoint's, no quantisation) against a new process's first write of
-    the loaded weights' bytes, since every byte of a cast result is written into fresh
-    memory; other warm runs against memory copy bandwidth over the checkpoint's bytes."""
+    disk read ceiling over the checkpoint's bytes; warm casts (runner.is_warm_cast) against
+    a new process's first write of the loaded weights' bytes, since every byte of a cast
+    result is written into fresh memory; other warm runs against memory copy bandwidth over
+    the checkpoint's bytes."""
     c = result.get("ceilings") or {}
-    patched = ((result.get("stats") or {}).get("patched") or {}).get("ready_s") or {}
+    patched = _stat(result, "patched", "ready_s")
     nbytes = result.get("checkpoint_bytes")
     key = "cold_read_gbps" if result.get("cold") else "memcpy_gbps"
     if "cuda" in str(result.get("device")) and not result.get("cold"):
         key = "h2d_pinned_gbps"
     elif runner.is_warm_cast(result):
         key, nbytes = "fresh_write_gbps", result.get("weight_bytes")
-    if not (c.get(key) and patched.get("median") and nbytes):
+    if not (c.get(key) and patched and nbytes):
         return None
-    return nbytes / 1e9 / c[key] / patched["median"]
+    return nbytes / 1e9 / c[key] / patched
 
 
 def cast_floor_lines(rows: list[dict]) -> list[str]:
@@ -353,7 +353,8 @@ def render(root: str) -> str:
               "- For warm casts (S3, D4) the ceiling is a new process writing the loaded weights' bytes into "
               "memory it just allocated (best of 3 processes): a cast writes every byte of its result into "
               "fresh memory, so no loader, stock or patched, can be ready sooner. Stock's time over that "
-              "floor is the most any loader could gain over stock there.",
+              "floor (plus building the model, where the S1 row was run) is the most any loader could gain "
+              "over stock there.",
               "- Peak RSS counts mapped checkpoint pages; a zero-copy load holds the checkpoint's bytes, a cast "
               "load should hold only the result's.",
               "- GPU scenarios (S4g-*, S6*) need a CUDA machine; what was measured on a lent H100 so far, by "
