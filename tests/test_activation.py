@@ -125,12 +125,17 @@ def test_disable_restores_exact_originals(tiny):
         before_fp = mu.PreTrainedModel.__dict__["from_pretrained"]
         core = sys.modules.get("transformers.core_model_loading")
         before_spawn = getattr(core, "spawn_materialize", None)
+        transform = getattr(core, "WeightTransform", None)  # 5.x: its materialize_tensors is wrapped
+        before_mt = vars(transform).get("materialize_tensors") if transform else None
         import fasthug_patch
+        wrapped_mt = transform is None or vars(transform).get("materialize_tensors") is not before_mt
         changed = [n for n in names if getattr(mu, n) is not before[n]]
         fasthug_patch.disable()
         restored = all(getattr(mu, n) is before[n] for n in names)
         restored_fp = mu.PreTrainedModel.__dict__["from_pretrained"] is before_fp
         restored_spawn = getattr(core, "spawn_materialize", None) is before_spawn and gc.collect is before_gc
+        restored_spawn = restored_spawn and wrapped_mt and (
+            transform is None or vars(transform).get("materialize_tensors") is before_mt)
         with fasthug_patch.enabled():
             scoped = mu.PreTrainedModel.__dict__["from_pretrained"] is not before_fp
         after_scope = mu.PreTrainedModel.__dict__["from_pretrained"] is before_fp

@@ -131,6 +131,26 @@ def test_view_past_the_mapping_is_an_error_naming_file_and_tensor(tmp_path):
     assert path in str(info.value) and "'w'" in str(info.value)
 
 
+def test_views_are_checked_against_their_file_before_others_read_them(tmp_path):
+    # What a weight conversion or a quantizer is handed is checked just before it reads:
+    # a view whose bytes a shrink cut off is an error naming the file and the tensor; a
+    # view still inside the file, and tensors that are not views of it, pass.
+    path = str(tmp_path / "t.safetensors")
+    save_file({"a": torch.randn(16), "w": torch.randn(64 * 1024)}, path)
+    refs = CheckpointIndex().tensors([path])
+    engine = Materializer(threads=2, chunk_bytes=1 << 20, populate=False)
+    try:
+        early, late = (engine.submit(refs[name], torch.float32).result() for name in ("a", "w"))
+        engine.check_views([early, late, torch.ones(3)], "experts")  # the file is whole
+        os.truncate(path, refs["w"].offset + 4096)  # cuts off most of "w", none of "a"
+        engine.check_views([early, torch.ones(3)], "experts")
+        with pytest.raises(CheckpointError) as info:
+            engine.check_views([early, late], "experts")
+        assert path in str(info.value) and "'w'" in str(info.value)
+    finally:
+        engine.close()
+
+
 def test_error_in_a_chunk_fails_the_future_and_close_returns(checkpoint, monkeypatch):
     _, _, refs = checkpoint
     engine = Materializer(threads=2, chunk_bytes=64, populate=True)

@@ -163,6 +163,19 @@ def test_truncated_under_a_zero_copy_view_already_handed_out(derive, populate):
     _assert_error_names_file(result, os.path.realpath(os.path.join(path, SHARD2)))
 
 
+def test_truncated_under_views_a_weight_conversion_reads(tmp_path):
+    """5.x fuses a MoE model's experts at load (a WeightConverter's torch.cat over the
+    zero-copy views, long after they were handed out): the views are checked before it
+    reads them, so a shrunk file is an error naming it, not a SIGBUS in stock's code.
+    On 4.x there is no conversion, and the end-of-load check catches it."""
+    from tests import architectures
+    from tests.parity import build_checkpoint
+
+    path = str(build_checkpoint(architectures.get("mixtral"), tmp_path / "moe", dtype=torch.bfloat16))
+    result = _truncate_during_load(path, "model.safetensors", "after-mapping", "bfloat16")
+    _assert_error_names_file(result, os.path.realpath(os.path.join(path, "model.safetensors")))
+
+
 def test_truncated_while_a_reader_thread_casts(derive):
     # Each cast chunk is prefaulted with MADV_POPULATE_READ before copy_, so the shrink
     # comes back as an error naming the file instead of a SIGBUS in a reader thread.

@@ -36,13 +36,17 @@ class V5Adapter(Adapter):
     def patch_targets(self) -> list[PatchTarget]:
         mu = self.modeling_utils
         core = sys.modules[mu.convert_and_load_state_dict_in_model.__module__]
-        return [
+        targets = [
             PatchTarget(mu.PreTrainedModel, "from_pretrained", make_from_pretrained_wrapper(self)),
             PatchTarget(mu, "_get_resolved_checkpoint_files", self._resolved_files),
             PatchTarget(mu, "convert_and_load_state_dict_in_model", self._convert_and_load),
             PatchTarget(core, "spawn_materialize", self._spawn_materialize),
             *self.device_move_targets(),
         ]
+        transform = getattr(core, "WeightTransform", None)
+        if transform is not None and "materialize_tensors" in vars(transform):
+            targets.append(PatchTarget(transform, "materialize_tensors", self._materialize_checked))
+        return targets
 
     # -- wrappers ---------------------------------------------------------------
     def _subfolder(self, arguments: dict) -> str:
@@ -92,6 +96,19 @@ class V5Adapter(Adapter):
         future = call.materializer.submit(source, dtype, device)
         # Stock returns a Future with its pool and a deferred callable without one.
         return future if pool is not None else future.result
+
+    def _materialize_checked(self, wrapped, instance, args, kwargs):
+        """Wraps WeightTransform.materialize_tensors, which hands one mapping's tensors to
+        its conversion. Where the conversion reads their bytes (a WeightConverter's
+        operations, such as fusing experts, or a quantize op), our zero-copy views among
+        them are checked against their files first: they were handed out unchecked, and a
+        file that shrank since would be a SIGBUS in stock's torch.cat, not an error."""
+        collected = wrapped(*args, **kwargs)
+        call = _session.get()
+        if call is not None and _reads_bytes(instance):
+            for source_pattern, tensors in collected.items():
+                call.materializer.check_views(tensors, source_pattern)
+        return collected
 
     # -- helpers ----------------------------------------------------------------
     def _load_facts(self, call, model, load_config) -> Facts:
@@ -155,6 +172,12 @@ def _quantize_in_pieces(quantizer, release_source):
         held.close()
 
     return restore
+
+
+def _reads_bytes(mapping) -> bool:
+    """Whether a weight mapping's convert reads its tensors' bytes, rather than assigning
+    them as they are (a plain renaming)."""
+    return getattr(mapping, "quantization_operation", None) is not None or bool(getattr(mapping, "operations", None))
 
 
 def _weights_format(files) -> str | None:

@@ -76,13 +76,17 @@ def _check_mapped(path: str, mapped_size: int, ref: TensorRef) -> None:
         raise CheckpointError(path, ref.name, "tensor lies past the end of the file (truncated?)")
 
 
+def _file_size(path: str) -> int:
+    """The file's size now; -1 if it is gone."""
+    try:
+        return os.stat(path).st_size
+    except OSError:
+        return -1
+
+
 def _check_inside(path: str, mapped_size: int, ref: TensorRef) -> None:
     """Raise CheckpointError if ``ref``'s bytes lie past the mapped size or the file's size now."""
-    try:
-        current = os.stat(path).st_size
-    except OSError:
-        current = -1
-    _check_mapped(path, min(mapped_size, current), ref)
+    _check_mapped(path, min(mapped_size, _file_size(path)), ref)
 
 
 class MappedFile:
@@ -163,6 +167,7 @@ class MappedFile:
         _check_inside(self.path, self.size, ref)
 
 
+
 class SharedReadMapping:
     """A read-only MAP_SHARED mapping of a whole file, for pinning its page-cache pages in
     place (cudaHostRegister). Not the private mapping the CPU path hands out: pinning pages
@@ -223,6 +228,29 @@ class MappedFiles:
             return False
         owner.release_address(address, length)
         return True
+
+    def check_views(self, tensors, label: str, names: dict | None = None) -> None:
+        """Raise CheckpointError if any of ``tensors`` that is a view of these mappings now
+        lies past the end of its file; the error names the file and the tensor (``names``:
+        (file, offset) -> tensor name; else ``label``). Called just before code that is not
+        ours reads such views (a weight conversion, a quantizer): a view is handed out
+        unchecked (it reads nothing), and a page past the end of a shrunk file is a SIGBUS
+        that would kill the process, where this is an error the load falls back from."""
+        with self._lock:
+            files = list(self._files.values())
+        sizes: dict[str, int] = {}  # one stat per file, however many views (experts) it holds
+        for tensor in tensors:
+            if getattr(tensor, "device", None) is None or tensor.device.type != "cpu" or not tensor.numel():
+                continue
+            address, length = tensor.data_ptr(), tensor.numel() * tensor.element_size()
+            owner = next((m for m in files if m.holds(address, length)), None)
+            if owner is None:
+                continue
+            if owner.path not in sizes:
+                sizes[owner.path] = min(owner.size, _file_size(owner.path))
+            offset = address - owner.base
+            name = (names or {}).get((owner.path, offset), label)
+            _check_mapped(owner.path, sizes[owner.path], TensorRef(owner.path, name, "U8", (length,), offset, length))
 
     def get(self, path: str) -> MappedFile:
         with self._lock:

@@ -92,7 +92,7 @@ class Materializer:
         self._lazy: set[str] = set()
         self._populate: set[str] = set()  # files whose zero-copy tensors are prefaulted
         self._cold: set[str] = set()  # files not (mostly) in the page cache when prepared
-        self._viewed: set[tuple[str, int]] = set()  # (file, offset) handed out zero-copy
+        self._viewed: dict[tuple[str, int], str] = {}  # (file, offset) handed out zero-copy -> its name
         self._prepare_lock = threading.Lock()
         # Two pools: readers (fills, waits on fills, prefaults: many, as a network disk needs
         # the queue depth) and casters (CPU work: as many as cores, so a warm cast load runs
@@ -328,7 +328,7 @@ class Materializer:
         with self._stats_lock:
             self.tensors_mapped += 1
             self.bytes_read += ref.nbytes
-            self._viewed.add((ref.file, ref.offset))
+            self._viewed[(ref.file, ref.offset)] = ref.name
         populate = ref.file in self._populate
         if ref.nbytes == 0 or (fill is None and not populate):
             future.set_result(view)
@@ -339,6 +339,12 @@ class Materializer:
         for start, length in spans:
             self._run(assembly, _populate_span, mapped, fill, ref, start, length, populate)
         return future
+
+    def check_views(self, tensors, label: str) -> None:
+        """Just before code that is not ours reads ``tensors``: raise CheckpointError if a
+        zero-copy view among them now lies past the end of its file (named by its tensor's
+        name, else ``label``)."""
+        self.files.check_views(tensors, label, self._viewed)
 
     def _cast(self, src, ref: TensorRef | None, dtype, mapped, fill: FileFill | None) -> Future:
         """Cast ``src`` into a fresh tensor chunk by chunk. With ``mapped``, ``src`` lies in
