@@ -481,3 +481,53 @@ def test_submodule_memo_leaves_an_instance_override_alone():
     with _submodules_memoised(model):
         assert model.get_submodule("0") == "own"
     assert vars(model)["get_submodule"] is own
+
+
+def test_tensors_still_being_cast_are_assigned_after_the_quantised_ones():
+    """4.57's order puts lm_head and the embeddings (the largest casts of a pre-quantised
+    load) first: the placement goes on with the quantised tensors while they are cast, and
+    assigns them after, in their own order; tensors already read go in stock's order."""
+    from concurrent.futures import Future
+    from types import SimpleNamespace
+
+    from fasthug_patch.adapters.v4 import V4Adapter
+
+    events = []
+
+    def done(value):
+        future = Future()
+        future.set_result(value)
+        return future
+
+    class CastUnderWay(Future):
+        def result(self, timeout=None):  # finishes when the placement waits for it
+            if not self.done():
+                self.set_result("cast")
+            return super().result(timeout)
+
+    class Engine:
+        def submit(self, source, dtype, device):
+            return CastUnderWay() if source.startswith("cast") else done(source)
+
+    class Quantizer:
+        def param_needs_quantization(self, model, name):
+            return name.startswith("q")
+
+        def create_quantized_param(self, model, value, name, device):
+            events.append(("quantised", name))
+
+    def assign(model, name, tensor):
+        events.append(("assigned", name))
+
+    def infer(model, name, empty, keep_fp32, quantizer):
+        return None, None
+
+    utils = SimpleNamespace(_infer_parameter_dtype=infer, _load_parameter_into_model=assign)
+    adapter = V4Adapter(SimpleNamespace(__version__="4.57.6"), utils)
+    names = ["cast.lm_head", "cast.embed", "norm", "q.0", "q.1"]
+    call = SimpleNamespace(materializer=Engine(), index=SimpleNamespace(check_unchanged=lambda files: None))
+    shard = {"model": object(), "state_dict": dict.fromkeys(names), "hf_quantizer": Quantizer(),
+             "device_map": None, "shard_file": "s.safetensors"}
+    adapter._place_shard(call, shard, [(name, name) for name in names])
+    assert events == [("assigned", "norm"), ("quantised", "q.0"), ("quantised", "q.1"),
+                      ("assigned", "cast.lm_head"), ("assigned", "cast.embed")]

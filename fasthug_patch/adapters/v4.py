@@ -119,15 +119,27 @@ class V4Adapter(V4LegacyAdapter):
         if quantizer is not None:  # it reads the quant-state views now: is their file still whole?
             call.index.check_unchanged([shard["shard_file"]])
         with _serializable_answered_once(quantizer):
+            unready = []
             for name, future in pending:
                 if quantizer is not None and quantizer.param_needs_quantization(model, name):
                     # A pre-quantised tensor (the capability table admits no other): the quantizer
-                    # places it, as stock's loop does, from the tensor as read.
+                    # places it, in stock's order, from the tensor as read.
                     quantizer.create_quantized_param(model, future.result(), name,
                                                      _param_device(shard["device_map"], name))
-                else:
+                elif future.done():
                     self._assign(model, name, future.result())
+                else:
+                    # Still being cast: assigned after the rest, in their own order, so the
+                    # quantised tensors are placed meanwhile (in 4.57's order lm_head and the
+                    # embeddings, the largest casts, come first). Each assignment sets one
+                    # parameter of its own module, so the order changes nothing else.
+                    unready.append((name, future))
+                    continue
                 if drop_bin:  # as 4.57's stock: drop the loaded entry so its memory can go
+                    del state_dict[name]
+            for name, future in unready:
+                self._assign(model, name, future.result())
+                if drop_bin:
                     del state_dict[name]
 
     def _assign(self, model, name: str, tensor) -> None:
