@@ -105,9 +105,9 @@ class V5Adapter(Adapter):
         file that shrank since would be a SIGBUS in stock's torch.cat, not an error."""
         collected = wrapped(*args, **kwargs)
         call = _session.get()
-        if call is not None and _reads_bytes(instance):
-            for source_pattern, tensors in collected.items():
-                call.materializer.check_views(tensors, source_pattern)
+        if call is not None and _reads_bytes(instance):  # one check, so one stat per file per mapping
+            tensors = [tensor for group in collected.values() for tensor in group]
+            call.materializer.check_views(tensors, " / ".join(collected))
         return collected
 
     # -- helpers ----------------------------------------------------------------

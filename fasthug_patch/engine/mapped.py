@@ -167,7 +167,6 @@ class MappedFile:
         _check_inside(self.path, self.size, ref)
 
 
-
 class SharedReadMapping:
     """A read-only MAP_SHARED mapping of a whole file, for pinning its page-cache pages in
     place (cudaHostRegister). Not the private mapping the CPU path hands out: pinning pages
@@ -222,12 +221,16 @@ class MappedFiles:
         if tensor.device.type != "cpu" or not tensor.is_contiguous():
             return False
         address, length = tensor.data_ptr(), tensor.numel() * tensor.element_size()
-        with self._lock:
-            owner = next((m for m in self._files.values() if m.holds(address, length)), None)
+        owner = self._owner(address, length)
         if owner is None:
             return False
         owner.release_address(address, length)
         return True
+
+    def _owner(self, address: int, length: int) -> MappedFile | None:
+        """The mapping that holds [address, address+length), if any."""
+        with self._lock:
+            return next((m for m in self._files.values() if m.holds(address, length)), None)
 
     def check_views(self, tensors, label: str, names: dict | None = None) -> None:
         """Raise CheckpointError if any of ``tensors`` that is a view of these mappings now
@@ -236,14 +239,12 @@ class MappedFiles:
         ours reads such views (a weight conversion, a quantizer): a view is handed out
         unchecked (it reads nothing), and a page past the end of a shrunk file is a SIGBUS
         that would kill the process, where this is an error the load falls back from."""
-        with self._lock:
-            files = list(self._files.values())
         sizes: dict[str, int] = {}  # one stat per file, however many views (experts) it holds
         for tensor in tensors:
             if getattr(tensor, "device", None) is None or tensor.device.type != "cpu" or not tensor.numel():
                 continue
             address, length = tensor.data_ptr(), tensor.numel() * tensor.element_size()
-            owner = next((m for m in files if m.holds(address, length)), None)
+            owner = self._owner(address, length)
             if owner is None:
                 continue
             if owner.path not in sizes:
