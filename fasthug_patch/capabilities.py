@@ -138,7 +138,11 @@ PREQUANTISED_FROM = (4, 57)
 def _bnb_on_stock_line(f: Facts) -> bool:
     if f.quantization != BNB or adapter_line(f.transformers_version) in _QUANT_LINES:
         return False
-    return not (f.pre_quantized and version_tuple(f.transformers_version) >= PREQUANTISED_FROM)
+    if version_tuple(f.transformers_version) < PREQUANTISED_FROM:
+        return True
+    # quantization_config passed without a config: whether the checkpoint was saved quantised
+    # (stock then ignores the passed config and loads it pre-quantised) is known at the load stage.
+    return f.pre_quantized is False
 
 
 def _bnb_line_reason(f: Facts) -> str:

@@ -346,6 +346,33 @@ def test_quantised_checkpoint_through_a_model_class(prequantised):
     assert_same_pair(pair, {"input_ids": torch.arange(8).view(1, 8)}, context="pre-quantised int8, model class")
 
 
+@needs_prequant_line
+@needs_verified_bnb
+@pytest.mark.parametrize("name", ["int8", "nf4-double-bf16"])
+def test_quantised_checkpoint_given_a_quantization_config(prequantised, name):
+    """quantization_config passed with a pre-quantised checkpoint, through a model class (no
+    config at the call): stock keeps the checkpoint's own config and loads it pre-quantised,
+    and so does the fast path, once the load stage knows."""
+    config = transformers.BitsAndBytesConfig(**CONFIGS[name])
+    pair = load_pair(transformers.LlamaForCausalLM, prequantised[name], quantization_config=config,
+                     device_map="cpu")
+    assert pair.report.path == "fast", pair.report
+    assert_same_pair(pair, {"input_ids": torch.arange(8).view(1, 8)}, context=f"pre-quantised {name}, config given")
+    assert _bnb_attributes(pair.stock) == _bnb_attributes(pair.fast)
+
+
+@pytest.mark.skipif(IS_V5 or not PLACES_PREQUANTISED, reason="4.57 quantises on the fly through stock")
+@needs_verified_bnb
+def test_quantising_on_the_fly_through_a_model_class_is_stock_on_4x(llama_bf16):
+    """The same call over a bf16 checkpoint quantises on the fly, which 4.57 leaves to stock:
+    the load stage falls back, with the reason, and the model is stock's."""
+    config = transformers.BitsAndBytesConfig(**CONFIGS["int8"])
+    pair = load_pair(transformers.LlamaForCausalLM, llama_bf16, quantization_config=config, device_map="cpu")
+    assert pair.report.path == "fallback" and "on the fly" in pair.report.reason, pair.report
+    assert_same_pair(pair, {"input_ids": torch.arange(8).view(1, 8)}, context="int8 on the fly, model class")
+    assert _bnb_attributes(pair.stock) == _bnb_attributes(pair.fast)
+
+
 @pytest.mark.skipif(IS_V5, reason="5.x has no per-tensor is_serializable")
 @needs_prequant_line
 @needs_verified_bnb
@@ -402,18 +429,19 @@ def test_bitsandbytes_on_a_gpu_runs_stock():
     assert not decision.fast and decision.rule == "load-bnb-device"
 
 
-@pytest.mark.parametrize("version, pre_quantized, fast", [
-    ("4.57.6", False, False),  # on the fly: stock
-    ("4.57.6", None, False),  # not known yet (quantization_config passed, no config): stock
-    ("4.57.6", True, True),  # pre-quantised: placed by the fast path
-    ("4.56.2", True, False),  # older lines ask check_quantized_param: stock
-    ("4.43.4", True, False),
-    ("5.23.0", False, True),
+@pytest.mark.parametrize("version, pre_quantized, fast, stages", [
+    ("4.57.6", False, False, ("call", "load")),  # on the fly: stock
+    # quantization_config passed, no config: not known until the load stage, which decides
+    ("4.57.6", None, True, ("call",)),
+    ("4.57.6", True, True, ("call", "load")),  # pre-quantised: placed by the fast path
+    ("4.56.2", True, False, ("call", "load")),  # older lines ask check_quantized_param: stock
+    ("4.43.4", None, False, ("call",)),
+    ("5.23.0", False, True, ("call", "load")),
 ])
-def test_bitsandbytes_lines(version, pre_quantized, fast):
+def test_bitsandbytes_lines(version, pre_quantized, fast, stages):
     facts = Facts(transformers_version=version, quantization="bitsandbytes", quant_library="0.50.2",
                   device_kinds=frozenset({"cpu"}), pre_quantized=pre_quantized)
-    for stage in ("call", "load"):
+    for stage in stages:
         decision = capabilities.decide(facts, stage)
         assert decision.fast == fast and (fast or decision.rule == "bnb-line"), (stage, decision)
 

@@ -72,7 +72,8 @@ class V4Adapter(V4LegacyAdapter):
             device_kinds=capabilities.device_kinds(device_map),
             quantization=(method := quant_method_of(quantizer)),
             quant_library=quant_library(method),
-            pre_quantized=getattr(quantizer, "pre_quantized", None),
+            # known here; a quantizer that does not say is taken as quantising on the fly (stock)
+            pre_quantized=bool(getattr(quantizer, "pre_quantized", False)) if quantizer is not None else None,
             tensor_parallel=shard["device_mesh"] is not None,
             fsdp_low_mem=self._fsdp_low_mem(),
             weights_format="safetensors" if shard["shard_file"].endswith(".safetensors") else "bin",
