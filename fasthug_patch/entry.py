@@ -53,7 +53,7 @@ def _route(adapter, wrapped, cls, args, kwargs):
     with loadcall.guarding_paths():
         if not decision.fast:
             return _stock(wrapped, args, kwargs, report, decision.reason)
-        return _fast(wrapped, args, kwargs, report)
+        return _fast(wrapped, args, kwargs, report, cls)
 
 
 def _stock(wrapped, args, kwargs, report: LoadReport, reason: str):
@@ -84,11 +84,12 @@ def _no_gc_pause():
             gc.enable()
 
 
-def _fast(wrapped, args, kwargs, report: LoadReport):
+def _fast(wrapped, args, kwargs, report: LoadReport, cls=None):
     retry_kwargs = {k: copy.deepcopy(v) for k, v in kwargs.items() if k in _MUTABLE_KWARGS}
     began = time.perf_counter()
     call = loadcall.LoadCall(report)
     call.device_map = kwargs.get("device_map")
+    call.model_class = cls
     call.casting = any(str(kwargs.get(k, "auto")) not in ("auto", "None") for k in ("dtype", "torch_dtype"))
     failed = True
     try:
@@ -102,19 +103,24 @@ def _fast(wrapped, args, kwargs, report: LoadReport):
             report.seconds = time.perf_counter() - began
             publish(report)
             raise
-        if not call.entered_fast_internals:
+        # A checkpoint file whose header the fast path read (cast_ahead reads them before
+        # stock opens the files) was replaced or removed since: stock may have failed on
+        # that mid-call, so the load is redone by stock on the files as they now are, as
+        # for a file changed after the fast path mapped it.
+        changed = call.change_seen()
+        if not call.entered_fast_internals and changed is None:
             # Raised by stock code before any weight went through the fast path: that
             # is stock's own error, unchanged.
             report.path, report.reason = "fallback", f"stock raised before loading weights: {exc!r}"
             report.seconds = time.perf_counter() - began
             publish(report)
             raise
-        logger.warning(
-            "fasthug_patch: the fast path failed (%s: %s); loading %s with the stock loader instead",
-            type(exc).__name__, exc, report.source,
-        )
+        why = f"{type(exc).__name__}: {exc}" if changed is None else changed
+        logger.warning("fasthug_patch: the fast path failed (%s); loading %s with the stock loader instead",
+                       why, report.source)
         call.close(failed=True)
-        return _stock(wrapped, args, {**kwargs, **retry_kwargs}, report, f"fast path error: {exc!r}")
+        reason = f"fast path error: {exc!r}" if changed is None else f"{changed} (meanwhile: {exc!r})"
+        return _stock(wrapped, args, {**kwargs, **retry_kwargs}, report, reason)
     finally:
         call.close(failed=failed)
 

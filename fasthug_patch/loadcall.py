@@ -33,6 +33,7 @@ class LoadCall:
         self.device_map = None  # as given to from_pretrained
         self.casting = False  # a dtype was asked for
         self.quantizing = False  # bitsandbytes quantises weights as they load
+        self.model_class = None  # the class whose from_pretrained was called
 
     @property
     def materializer(self) -> Materializer:
@@ -63,7 +64,38 @@ class LoadCall:
         except Exception as exc:  # noqa: BLE001
             self.report.notes.append(f"prefetch skipped: {exc}")
 
+    def cast_ahead(self, dtype, config, model_class) -> None:
+        """Stock has settled the dtype the model is built in (``dtype``) and is about to
+        build it: start the casts it will most likely ask for (cast_ahead.py). Never
+        raises, like prefetch: whatever goes wrong here is met again, and handled, when the
+        loader asks for the tensors."""
+        if self._materializer is None or not self.checkpoint_files or not settings.cast_ahead():
+            return
+        try:
+            from fasthug_patch import cast_ahead
+
+            files = [str(f) for f in self.checkpoint_files]
+            if not all(f.endswith(".safetensors") for f in files):
+                return
+            refs = cast_ahead.guess(self.index.tensors(files), dtype, self.device_map, config, model_class)
+            if refs:
+                self.materializer.cast_ahead(refs, dtype)
+        except Exception as exc:  # noqa: BLE001
+            self.report.notes.append(f"cast ahead skipped: {exc}")
+
+    def change_seen(self) -> str | None:
+        """Why a checkpoint file whose header was read is no longer as it was, if it is not."""
+        from fasthug_patch.errors import CheckpointError
+
+        try:
+            self.index.check_unchanged()
+        except CheckpointError as exc:
+            return str(exc)
+        return None
+
     def declined(self, reason: str) -> None:
+        if self._materializer is not None:
+            self._materializer.drop_ahead()  # stock's internals load these weights instead
         if reason not in self.stock_loads:
             self.stock_loads.append(reason)
 

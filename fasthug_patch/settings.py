@@ -22,6 +22,7 @@ RING_VAR = "FASTHUG_RING"
 PIN_FILES_VAR = "FASTHUG_PIN_FILES"
 STREAM_TO_DEVICE_VAR = "FASTHUG_STREAM_TO_DEVICE"
 HUGE_PAGES_VAR = "FASTHUG_HUGE_PAGES"
+CAST_AHEAD_VAR = "FASTHUG_CAST_AHEAD"
 DIST_VAR = "FASTHUG_DIST"
 DIST_TIMEOUT_VAR = "FASTHUG_DIST_TIMEOUT_S"
 
@@ -139,6 +140,13 @@ def huge_pages() -> bool:
     Off unless FASTHUG_HUGE_PAGES=1: a win where fresh memory is cheap to back, a loss on
     VMs whose balloon reports free memory to the host (engine/host_memory.py)."""
     return env_flag(HUGE_PAGES_VAR) is True
+
+
+def cast_ahead() -> bool:
+    """Whether casts start while stock still builds the model, to the dtype it is built in
+    (default on; FASTHUG_CAST_AHEAD=0 starts each cast when the loader asks for it).
+    fasthug_patch/cast_ahead.py says which tensors and why."""
+    return env_flag(CAST_AHEAD_VAR) is not False
 
 
 def dist_sharing() -> bool | None:

@@ -119,7 +119,7 @@ def test_disable_restores_exact_originals(tiny):
         import transformers.modeling_utils as mu
         import gc
         names = [n for n in ("_load_state_dict_into_meta_model", "convert_and_load_state_dict_in_model",
-                             "_get_resolved_checkpoint_files", "load_state_dict") if hasattr(mu, n)]
+                             "_get_resolved_checkpoint_files", "_get_dtype", "load_state_dict") if hasattr(mu, n)]
         before = {n: getattr(mu, n) for n in names}
         before_gc = gc.collect
         before_fp = mu.PreTrainedModel.__dict__["from_pretrained"]

@@ -104,6 +104,28 @@ class Adapter:
             call.prefetch(files)  # overlaps stock's model construction
         return result
 
+    def dtype_targets(self) -> list[PatchTarget]:
+        """modeling_utils._get_dtype, where this line has it (4.57, 5.x)."""
+        mu = self.modeling_utils
+        return [PatchTarget(mu, "_get_dtype", self._dtype_settled)] if hasattr(mu, "_get_dtype") else []
+
+    def _dtype_settled(self, wrapped, instance, args, kwargs):
+        """Wraps modeling_utils._get_dtype, which settles the dtype the model is about to
+        be built in (the second item of its result on both lines; None on 4.x means
+        torch's default, which the model is then built in): casts to it start now, while
+        stock builds the model (cast_ahead.py)."""
+        result = wrapped(*args, **kwargs)
+        call = loadcall.current()
+        if call is None or not (isinstance(result, tuple) and len(result) >= 2):
+            return result
+        asked = inspect.signature(wrapped).bind_partial(*args, **kwargs).arguments.get("dtype")
+        if not isinstance(asked, dict):  # per-submodule dtypes: no single guess
+            import torch
+
+            call.cast_ahead(result[1] if result[1] is not None else torch.get_default_dtype(), result[0],
+                            call.model_class)
+        return result
+
     def _subfolder(self, arguments: dict) -> str:
         return arguments.get("subfolder") or ""
 

@@ -38,6 +38,7 @@ class V4Adapter(V4LegacyAdapter):
         targets = [
             PatchTarget(mu.PreTrainedModel, "from_pretrained", make_from_pretrained_wrapper(self)),
             PatchTarget(mu, "_get_resolved_checkpoint_files", self._resolved_files),
+            *self.dtype_targets(),
             PatchTarget(mu, "_load_state_dict_into_meta_model", self._load_into_meta_model),
             *self.device_move_targets(),
         ]

@@ -39,6 +39,7 @@ class V5Adapter(Adapter):
         targets = [
             PatchTarget(mu.PreTrainedModel, "from_pretrained", make_from_pretrained_wrapper(self)),
             PatchTarget(mu, "_get_resolved_checkpoint_files", self._resolved_files),
+            *self.dtype_targets(),
             PatchTarget(mu, "convert_and_load_state_dict_in_model", self._convert_and_load),
             PatchTarget(core, "spawn_materialize", self._spawn_materialize),
             *self.device_move_targets(),

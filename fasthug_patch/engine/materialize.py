@@ -31,7 +31,7 @@ import os
 import threading
 import time
 import warnings
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, InvalidStateError, ThreadPoolExecutor
 
 from fasthug_patch import settings
 from fasthug_patch.engine import devices, host_memory, residency
@@ -66,15 +66,18 @@ class _Assembly:
         with self.lock:
             if self.future.done():
                 return
-            if error is not None:
-                self.future.set_exception(error)
-                return
-            self.remaining -= 1
-            if self.remaining == 0:
-                if self.finish is not None:
-                    self.finish()
-                else:
-                    self.future.set_result(self.value)
+            try:
+                if error is not None:
+                    self.future.set_exception(error)
+                    return
+                self.remaining -= 1
+                if self.remaining == 0:
+                    if self.finish is not None:
+                        self.finish()
+                    else:
+                        self.future.set_result(self.value)
+            except InvalidStateError:  # cancelled meanwhile (Materializer.drop_ahead): nobody waits
+                pass
 
 
 class Materializer:
@@ -93,6 +96,11 @@ class Materializer:
         self._populate: set[str] = set()  # files whose zero-copy tensors are prefaulted
         self._cold: set[str] = set()  # files not (mostly) in the page cache when prepared
         self._viewed: dict[tuple[str, int], str] = {}  # (file, offset) handed out zero-copy -> its name
+        # (file, offset) -> (dtype, Future): casts started before anyone asked (cast_ahead)
+        self._ahead: dict[tuple[str, int], tuple[object, Future]] = {}
+        self._ahead_bytes: dict[int, int] = {}  # id of such a Future -> its source bytes
+        self.ahead_started = 0
+        self.ahead_claimed = 0
         self._prepare_lock = threading.Lock()
         # Two pools: readers (fills, waits on fills, prefaults: many, as a network disk needs
         # the queue depth) and casters (CPU work: as many as cores, so a warm cast load runs
@@ -257,8 +265,68 @@ class Materializer:
         return self._fills.get(path)
 
     # -- requests -------------------------------------------------------------
+    def cast_ahead(self, refs, dtype) -> int:
+        """Start casting ``refs`` to ``dtype`` before the loader asks for them, while stock
+        still builds the model on the meta device and a core is free. It is a guess: a
+        result is handed over only to a request for the same tensor as the same dtype (a
+        cast is deterministic, so it is the tensor that request would have made); any other
+        request for that tensor first waits for the guess to end, then is served as usual.
+        Aligned tensors of page-cached files only. Returns how many casts were started."""
+        started = 0
+        for ref in refs:
+            key = (ref.file, ref.offset)
+            if not needs_cast(ref, dtype) or key in self._ahead or key in self._viewed:
+                continue
+            self._fill_of(ref.file)
+            if ref.file in self._cold or ref.file in self._lazy or ref.file in self._fills:
+                continue
+            mapped = self.files.get(ref.file)
+            if not mapped.is_aligned(ref):
+                continue
+            future = self._cast(mapped.tensor(ref), ref, dtype, mapped, None)
+            self._ahead[key] = (dtype, future)
+            self._ahead_bytes[id(future)] = ref.nbytes
+            started += 1
+        self.ahead_started += started
+        return started
+
+    def _claimed_ahead(self, ref: TensorRef, dtype) -> Future | None:
+        """The cast of ``ref`` started ahead, if it was to ``dtype``. A guess for another
+        dtype is waited for (its span releases unmap source pages, which must not happen
+        under a view handed out from now on) and its result dropped."""
+        entry = self._ahead.pop((ref.file, ref.offset), None)
+        if entry is None:
+            return None
+        guessed, future = entry
+        if needs_cast(ref, dtype) and guessed == dtype:
+            self.ahead_claimed += 1
+            self._ahead_bytes.pop(id(future), None)
+            return future
+        _wait_quietly(future)
+        self._uncount_ahead(future)
+        return None
+
+    def drop_ahead(self) -> None:
+        """Cancel the casts started ahead that nobody asked for (their spans not yet run are
+        skipped), so that their memory goes now: stock's loader may be about to load the
+        same weights itself."""
+        unclaimed, self._ahead = self._ahead, {}
+        for _, future in unclaimed.values():
+            future.cancel()
+            self._uncount_ahead(future)
+
+    def _uncount_ahead(self, future: Future) -> None:
+        """A cast started ahead was not used: it is not part of the load's statistics."""
+        with self._stats_lock:
+            self.tensors_cast -= 1
+            self.bytes_read -= self._ahead_bytes.pop(id(future), 0)
+
     def submit(self, source, dtype=None, device="cpu") -> Future:
         """Schedule ``source`` (a TensorRef or a CPU torch.Tensor) as ``dtype`` on ``device``."""
+        if self._ahead and isinstance(source, TensorRef):
+            claimed = self._claimed_ahead(source, dtype if str(device) in ("cpu", "None") else None)
+            if claimed is not None:
+                return claimed
         if str(device) not in ("cpu", "None"):
             return self._submit_to_device(source, dtype, device)
         if isinstance(source, TensorRef):
@@ -424,12 +492,24 @@ class Materializer:
     def close(self, cancel: bool = False) -> None:
         if cancel and self._failed is None:
             self._failed = FastPathError("load abandoned")
+        self.drop_ahead()
+        if self.ahead_started:
+            self.notes.append(f"cast while the model was built: {self.ahead_started} tensors, "
+                              f"{self.ahead_claimed} of them as the loader then asked")
         self._pool.shutdown(wait=True, cancel_futures=cancel)
         self._cast_pool.shutdown(wait=True, cancel_futures=cancel)  # after the readers: they hand casts on
         for share, _, _ in self._shares:
             share.stopped = True  # chunks read by then are posted; unclaimed ones are the other ranks' to read
         for streamer in self._streamers.values():
             streamer.close()
+
+
+def _wait_quietly(future: Future) -> None:
+    """Wait for ``future`` to end; its outcome is someone else's to report."""
+    try:
+        future.exception()
+    except BaseException:  # noqa: BLE001 - cancelled
+        pass
 
 
 def _cancel_all(chunks, first: int, error: BaseException) -> None:

@@ -1,0 +1,61 @@
+"""Which checkpoint tensors to start casting before the model exists.
+
+Stock settles the dtype the model is built in (``_get_dtype``) just before it builds the
+model on the meta device; the loader asks for each tensor as some dtype only afterwards.
+On a warm cast load the casts are most of the work (a 1B fp32 -> bf16 load: about 0.8 s of
+casting after about 0.1 s of building), and while stock builds, the casters sit idle.
+So the engine starts the casts that stock will most likely ask for, to the dtype just
+settled, and hands a result over only when the loader asks for that tensor as that dtype
+(engine ``Materializer.cast_ahead``): a wrong guess costs time and memory, never a
+different model.
+
+A guess is only made where it is usually right:
+- every weight stays on the CPU (a GPU target casts on the GPU);
+- the dtype is one torch.dtype, not a per-submodule dict;
+- no quantising on the fly (its weights are quantised, not cast); a checkpoint that
+  bitsandbytes saved quantised is fine, its float tensors are cast like any other;
+- not a module the class keeps in fp32 (``_keep_in_fp32_modules``, stock's pattern);
+- floating tensors of at least ``MIN_BYTES``, stored in another dtype.
+"""
+
+from __future__ import annotations
+
+import re
+
+from fasthug_patch import capabilities
+
+# Smaller tensors are a rounding error of the cast time and cost a Future each.
+MIN_BYTES = 1 << 20
+# Tensor names that only a checkpoint saved quantised by bitsandbytes holds.
+_BNB_SAVED = re.compile(r"\.SCB$|\.quant_state\.bitsandbytes__|\.weight_format$")
+
+
+def guess(refs, dtype, device_map, config, model_class) -> list:
+    """The TensorRefs among ``refs`` (name -> TensorRef) to cast to ``dtype`` ahead of the
+    loader, in file order; empty where no guess is safe enough to be worth it."""
+    import torch
+
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        return []
+    if capabilities.device_kinds(device_map) != frozenset({"cpu"}):
+        return []
+    if getattr(config, "quantization_config", None) is not None:
+        # Without a device map bitsandbytes picks a GPU where there is one.
+        if device_map is None or not any(map(_BNB_SAVED.search, refs)):
+            return []
+    kept = _kept_in_fp32(model_class)
+    chosen = [
+        ref for name, ref in refs.items()
+        if ref.nbytes >= MIN_BYTES and ref.torch_dtype().is_floating_point and ref.itemsize > 1
+        and ref.torch_dtype() != dtype and not (kept and kept.search(name))
+    ]
+    return sorted(chosen, key=lambda ref: (ref.file, ref.offset))
+
+
+def _kept_in_fp32(model_class):
+    """Stock's pattern for the class's fp32 modules (``(^|\\.)module($|\\.)``), or None."""
+    modules = [*(getattr(model_class, "_keep_in_fp32_modules", None) or ()),
+               *(getattr(model_class, "_keep_in_fp32_modules_strict", None) or ())]
+    if not modules:
+        return None
+    return re.compile("|".join(rf"((^|\.){module}($|\.))" for module in modules))

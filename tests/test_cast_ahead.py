@@ -1,0 +1,245 @@
+"""Casts started while stock builds the model (cast_ahead.py, Materializer.cast_ahead): which
+tensors are guessed, a guess handed over only to the request it guessed, wrong guesses
+dropped, and whole loads the same as stock with guesses right and wrong."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers
+from safetensors.torch import save_file
+
+import fasthug_patch
+from fasthug_patch import cast_ahead, loadcall
+from fasthug_patch.engine import Materializer
+from fasthug_patch.plan import CheckpointIndex, TensorRef
+from tests.parity import assert_same_pair, dtype_kwargs, load_pair
+from tests.tiny import save_tiny_llama
+
+MiB = 1 << 20
+needs_dtype_hook = pytest.mark.skipif(not hasattr(transformers.modeling_utils, "_get_dtype"),
+                                      reason="casts start ahead where stock settles the dtype in _get_dtype (4.57, 5.x)")
+
+
+def _bits(t: torch.Tensor) -> bytes:
+    return t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+
+
+@pytest.fixture()
+def cached(tmp_path):
+    """A page-cached file (just written) with two fp32 tensors."""
+    torch.manual_seed(0)
+    tensors = {"a": torch.randn(300, 1000), "b": torch.randn(70_001)}
+    path = str(tmp_path / "c.safetensors")
+    save_file(tensors, path)
+    return tensors, CheckpointIndex().tensors([path])
+
+
+def _engine() -> Materializer:
+    return Materializer(threads=2, chunk_bytes=64 << 10, populate=None)
+
+
+# -- the engine --------------------------------------------------------------------------------
+
+def test_a_guess_is_handed_to_the_request_it_guessed(cached):
+    tensors, refs = cached
+    engine = _engine()
+    try:
+        assert engine.cast_ahead(list(refs.values()), torch.bfloat16) == 2
+        ahead = engine._ahead[(refs["a"].file, refs["a"].offset)][1]
+        got = engine.submit(refs["a"], torch.bfloat16)
+        assert got is ahead  # the cast already under way, not a second one
+        assert _bits(got.result()) == _bits(tensors["a"].to(torch.bfloat16))
+        assert engine.tensors_cast == 2  # b is still ahead, unasked
+    finally:
+        engine.close()
+    assert engine.ahead_claimed == 1 and engine.tensors_cast == 1  # b was never asked for: not counted
+    assert any("2 tensors, 1 of them" in note for note in engine.notes), engine.notes
+
+
+@pytest.mark.parametrize("asked", [torch.float16, torch.float32, None], ids=["other-dtype", "view", "as-stored"])
+def test_a_wrong_guess_is_waited_for_and_dropped(cached, asked):
+    tensors, refs = cached
+    engine = _engine()
+    try:
+        engine.cast_ahead([refs["a"]], torch.bfloat16)
+        guess = engine._ahead[(refs["a"].file, refs["a"].offset)][1]
+        got = engine.submit(refs["a"], asked)
+        assert guess.done(), "a request served before the guess on its bytes ended"
+        assert got is not guess
+        want = tensors["a"] if asked in (None, torch.float32) else tensors["a"].to(asked)
+        assert _bits(got.result()) == _bits(want)
+    finally:
+        engine.close()
+    assert engine.ahead_claimed == 0
+    assert engine.tensors_cast == (1 if asked == torch.float16 else 0)
+
+
+def test_nothing_is_guessed_for_cold_files_or_tensors_already_in_the_dtype(cached, monkeypatch):
+    from fasthug_patch.engine import residency
+
+    tensors, refs = cached
+    engine = _engine()
+    try:
+        assert engine.cast_ahead(list(refs.values()), torch.float32) == 0  # already fp32
+    finally:
+        engine.close()
+    monkeypatch.setattr(residency, "resident_fraction", lambda path: 0.0)
+    engine = _engine()
+    try:
+        assert engine.cast_ahead(list(refs.values()), torch.bfloat16) == 0  # its fill comes first
+        assert _bits(engine.submit(refs["b"], torch.bfloat16).result()) == _bits(tensors["b"].to(torch.bfloat16))
+    finally:
+        engine.close()
+
+
+def test_unasked_guesses_end_with_the_load(cached):
+    _, refs = cached
+    engine = _engine()
+    engine.cast_ahead(list(refs.values()), torch.float16)
+    futures = [future for _, future in engine._ahead.values()]
+    engine.close()
+    assert all(future.done() for future in futures)
+    assert engine.tensors_cast == 0 and engine.bytes_read == 0
+
+
+# -- the guess -----------------------------------------------------------------------------------
+
+def _ref(name, dtype_name="BF16", nbytes=4 * MiB, offset=0):
+    itemsize = {"BF16": 2, "F32": 4, "I8": 1, "F8_E4M3": 1}[dtype_name]
+    return TensorRef("f.safetensors", name, dtype_name, (nbytes // itemsize,), offset, nbytes)
+
+
+CONFIG = transformers.LlamaConfig()
+
+
+def test_the_guess_takes_large_floating_tensors_stored_in_another_dtype():
+    refs = {
+        "big": _ref("big", offset=100),
+        "first": _ref("first", "F32", offset=0),
+        "small": _ref("small", nbytes=MiB - 2),
+        "int": _ref("int", "I8"),
+        "fp8": _ref("fp8", "F8_E4M3"),
+    }
+    chosen = cast_ahead.guess(refs, torch.float32, None, CONFIG, None)
+    assert [ref.name for ref in chosen] == ["big"]  # first is fp32 already
+    assert [ref.name for ref in cast_ahead.guess(refs, torch.float16, "cpu", CONFIG, None)] == ["first", "big"]
+
+
+@pytest.mark.parametrize("device_map", ["cuda", "auto", {"": 0}, {"model": "cpu", "lm_head": "disk"}])
+def test_no_guess_for_weights_placed_off_the_cpu(device_map):
+    assert cast_ahead.guess({"w": _ref("w")}, torch.float32, device_map, CONFIG, None) == []
+
+
+def test_no_guess_for_a_dtype_that_is_not_one_floating_dtype():
+    refs = {"w": _ref("w")}
+    assert cast_ahead.guess(refs, torch.int8, None, CONFIG, None) == []
+    assert cast_ahead.guess(refs, None, None, CONFIG, None) == []
+
+
+def test_quantised_loads_are_guessed_only_for_checkpoints_bitsandbytes_saved():
+    config = transformers.LlamaConfig()
+    config.quantization_config = {"quant_method": "bitsandbytes", "load_in_8bit": True}
+    on_the_fly = {"w": _ref("w")}
+    saved = {"w": _ref("w"), "layers.0.q.SCB": _ref("layers.0.q.SCB", "F32", nbytes=64)}
+    assert cast_ahead.guess(on_the_fly, torch.float16, "cpu", config, None) == []
+    assert cast_ahead.guess(saved, torch.float16, None, config, None) == []  # bitsandbytes may pick a GPU
+    assert [ref.name for ref in cast_ahead.guess(saved, torch.float16, "cpu", config, None)] == ["w"]
+
+
+def test_modules_the_class_keeps_in_fp32_are_not_guessed():
+    class Kept:
+        _keep_in_fp32_modules = ["wo"]
+        _keep_in_fp32_modules_strict = ["router"]
+
+    refs = {name: _ref(name, offset=i) for i, name in enumerate(
+        ["layers.0.wo.weight", "layers.0.wov.weight", "router.weight", "layers.0.wi.weight"])}
+    chosen = cast_ahead.guess(refs, torch.float16, None, CONFIG, Kept)
+    assert [ref.name for ref in chosen] == ["layers.0.wov.weight", "layers.0.wi.weight"]
+
+
+# -- whole loads ---------------------------------------------------------------------------------
+
+@pytest.fixture()
+def every_tensor_guessed(monkeypatch):
+    """Guess every tensor of the tiny checkpoints (they are far below MIN_BYTES), and record
+    what the engine did with the guesses."""
+    monkeypatch.setattr(cast_ahead, "MIN_BYTES", 0)
+    seen = []
+    close = Materializer.close
+
+    def recording(self, cancel=False):
+        if self.ahead_started:
+            seen.append((self.ahead_started, self.ahead_claimed))
+        return close(self, cancel)
+
+    monkeypatch.setattr(Materializer, "close", recording)
+    return seen
+
+
+@needs_dtype_hook
+@pytest.mark.parametrize("stored, asked", [(torch.float32, torch.bfloat16), (torch.bfloat16, torch.float16),
+                                           (torch.bfloat16, None)], ids=["fp32-bf16", "bf16-fp16", "no-dtype"])
+def test_loads_with_guesses_are_stock_loads(tmp_path, every_tensor_guessed, stored, asked):
+    path = save_tiny_llama(str(tmp_path / "tiny"), dtype=stored)
+    pair = load_pair(transformers.AutoModelForCausalLM, path, **dtype_kwargs(asked))
+    assert pair.report.path == "fast", pair.report
+    assert_same_pair(pair, {"input_ids": torch.arange(8).view(1, 8)}, context=f"{stored} as {asked}")
+    expected = asked if asked is not None else torch.get_default_dtype()  # 4.x builds in the default
+    if transformers.__version__.startswith("4.") or asked is not None:
+        assert every_tensor_guessed, "nothing was cast ahead"
+        started, claimed = every_tensor_guessed[-1]
+        assert started == claimed == pair.report.tensors_cast, (every_tensor_guessed, pair.report)
+        assert all(p.dtype == expected for p in pair.fast.parameters())
+
+
+@needs_dtype_hook
+def test_wrong_guesses_leave_the_model_as_stock(tmp_path, every_tensor_guessed, monkeypatch):
+    """Every tensor guessed as float16 while the loader asks for bfloat16: each request waits
+    for its guess, drops it, and casts as usual."""
+    path = save_tiny_llama(str(tmp_path / "tiny"), dtype=torch.float32)
+    real = loadcall.LoadCall.cast_ahead
+    monkeypatch.setattr(loadcall.LoadCall, "cast_ahead",
+                        lambda self, dtype, config, cls: real(self, torch.float16, config, cls))
+    pair = load_pair(transformers.AutoModelForCausalLM, path, **dtype_kwargs(torch.bfloat16))
+    assert pair.report.path == "fast", pair.report
+    assert_same_pair(pair, {"input_ids": torch.arange(8).view(1, 8)}, context="wrong guesses")
+    started, claimed = every_tensor_guessed[-1]
+    assert started > 0 and claimed == 0
+    assert pair.report.tensors_cast == started  # each cast once, as asked; the guesses are not counted
+
+
+def test_cast_ahead_can_be_turned_off(tmp_path, every_tensor_guessed, monkeypatch):
+    monkeypatch.setenv("FASTHUG_CAST_AHEAD", "0")
+    path = save_tiny_llama(str(tmp_path / "tiny"), dtype=torch.float32)
+    with fasthug_patch.enabled():
+        transformers.AutoModelForCausalLM.from_pretrained(path, **dtype_kwargs(torch.bfloat16))
+    assert fasthug_patch.last_report().path == "fast"
+    assert every_tensor_guessed == []
+
+
+@needs_dtype_hook
+def test_guesses_are_dropped_when_the_loader_goes_stock(tmp_path, every_tensor_guessed, monkeypatch):
+    """A load-stage decline hands the weights to stock's internals: the casts started ahead
+    are cancelled then, not held until the call ends beside stock's own copies."""
+    from fasthug_patch import capabilities
+
+    path = save_tiny_llama(str(tmp_path / "tiny"), dtype=torch.float32)
+    decide = capabilities.decide
+    monkeypatch.setattr(capabilities, "decide", lambda facts, stage: capabilities.Decision(False, "declined here", "t")
+                        if stage == "load" else decide(facts, stage))
+    drops = []
+    drop = Materializer.drop_ahead
+
+    def recording(self):
+        call = loadcall.current()
+        drops.append((len(self._ahead), call is not None and not call.stock_loads))
+        return drop(self)
+
+    monkeypatch.setattr(Materializer, "drop_ahead", recording)
+    pair = load_pair(transformers.AutoModelForCausalLM, path, **dtype_kwargs(torch.bfloat16))
+    assert pair.report.path == "fallback" and "declined here" in pair.report.reason
+    assert_same_pair(pair, {"input_ids": torch.arange(8).view(1, 8)}, context="declined at the load stage")
+    assert drops and drops[0][0] > 0 and drops[0][1], drops  # dropped as the decline was recorded
+    started, claimed = every_tensor_guessed[-1]
+    assert started > 0 and claimed == 0
