@@ -12,6 +12,7 @@ import time
 
 from fasthug_patch import settings
 from fasthug_patch.engine import Materializer
+from fasthug_patch.errors import CheckpointError
 from fasthug_patch.plan import CheckpointIndex
 from fasthug_patch.report import LoadReport
 
@@ -64,7 +65,7 @@ class LoadCall:
         except Exception as exc:  # noqa: BLE001
             self.report.notes.append(f"prefetch skipped: {exc}")
 
-    def cast_ahead(self, dtype, config, model_class) -> None:
+    def cast_ahead(self, dtype, config) -> None:
         """Stock has settled the dtype the model is built in (``dtype``) and is about to
         build it: start the casts it will most likely ask for (cast_ahead.py). Never
         raises, like prefetch: whatever goes wrong here is met again, and handled, when the
@@ -77,7 +78,7 @@ class LoadCall:
             files = [str(f) for f in self.checkpoint_files]
             if not all(f.endswith(".safetensors") for f in files):
                 return
-            refs = cast_ahead.guess(self.index.tensors(files), dtype, self.device_map, config, model_class)
+            refs = cast_ahead.guess(self.index.tensors(files), dtype, self.device_map, config, self.model_class)
             if refs:
                 self.materializer.cast_ahead(refs, dtype)
         except Exception as exc:  # noqa: BLE001
@@ -85,8 +86,6 @@ class LoadCall:
 
     def change_seen(self) -> str | None:
         """Why a checkpoint file whose header was read is no longer as it was, if it is not."""
-        from fasthug_patch.errors import CheckpointError
-
         try:
             self.index.check_unchanged()
         except CheckpointError as exc:

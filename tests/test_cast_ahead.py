@@ -97,7 +97,7 @@ def test_unasked_guesses_end_with_the_load(cached):
     _, refs = cached
     engine = _engine()
     engine.cast_ahead(list(refs.values()), torch.float16)
-    futures = [future for _, future in engine._ahead.values()]
+    futures = [entry[1] for entry in engine._ahead.values()]
     engine.close()
     assert all(future.done() for future in futures)
     assert engine.tensors_cast == 0 and engine.bytes_read == 0
@@ -200,7 +200,7 @@ def test_wrong_guesses_leave_the_model_as_stock(tmp_path, every_tensor_guessed, 
     path = save_tiny_llama(str(tmp_path / "tiny"), dtype=torch.float32)
     real = loadcall.LoadCall.cast_ahead
     monkeypatch.setattr(loadcall.LoadCall, "cast_ahead",
-                        lambda self, dtype, config, cls: real(self, torch.float16, config, cls))
+                        lambda self, dtype, config: real(self, torch.float16, config))
     pair = load_pair(transformers.AutoModelForCausalLM, path, **dtype_kwargs(torch.bfloat16))
     assert pair.report.path == "fast", pair.report
     assert_same_pair(pair, {"input_ids": torch.arange(8).view(1, 8)}, context="wrong guesses")

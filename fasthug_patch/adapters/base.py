@@ -122,8 +122,7 @@ class Adapter:
         if not isinstance(asked, dict):  # per-submodule dtypes: no single guess
             import torch
 
-            call.cast_ahead(result[1] if result[1] is not None else torch.get_default_dtype(), result[0],
-                            call.model_class)
+            call.cast_ahead(result[1] if result[1] is not None else torch.get_default_dtype(), result[0])
         return result
 
     def _subfolder(self, arguments: dict) -> str:

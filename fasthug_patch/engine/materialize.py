@@ -96,9 +96,8 @@ class Materializer:
         self._populate: set[str] = set()  # files whose zero-copy tensors are prefaulted
         self._cold: set[str] = set()  # files not (mostly) in the page cache when prepared
         self._viewed: dict[tuple[str, int], str] = {}  # (file, offset) handed out zero-copy -> its name
-        # (file, offset) -> (dtype, Future): casts started before anyone asked (cast_ahead)
-        self._ahead: dict[tuple[str, int], tuple[object, Future]] = {}
-        self._ahead_bytes: dict[int, int] = {}  # id of such a Future -> its source bytes
+        # (file, offset) -> (dtype, Future, source bytes): casts started before anyone asked
+        self._ahead: dict[tuple[str, int], tuple[object, Future, int]] = {}
         self.ahead_started = 0
         self.ahead_claimed = 0
         self._prepare_lock = threading.Lock()
@@ -283,9 +282,7 @@ class Materializer:
             mapped = self.files.get(ref.file)
             if not mapped.is_aligned(ref):
                 continue
-            future = self._cast(mapped.tensor(ref), ref, dtype, mapped, None)
-            self._ahead[key] = (dtype, future)
-            self._ahead_bytes[id(future)] = ref.nbytes
+            self._ahead[key] = (dtype, self._cast(mapped.tensor(ref), ref, dtype, mapped, None), ref.nbytes)
             started += 1
         self.ahead_started += started
         return started
@@ -297,13 +294,12 @@ class Materializer:
         entry = self._ahead.pop((ref.file, ref.offset), None)
         if entry is None:
             return None
-        guessed, future = entry
+        guessed, future, nbytes = entry
         if needs_cast(ref, dtype) and guessed == dtype:
             self.ahead_claimed += 1
-            self._ahead_bytes.pop(id(future), None)
             return future
         _wait_quietly(future)
-        self._uncount_ahead(future)
+        self._uncount_ahead(nbytes)
         return None
 
     def drop_ahead(self) -> None:
@@ -311,15 +307,16 @@ class Materializer:
         skipped), so that their memory goes now: stock's loader may be about to load the
         same weights itself."""
         unclaimed, self._ahead = self._ahead, {}
-        for _, future in unclaimed.values():
+        for _, future, nbytes in unclaimed.values():
             future.cancel()
-            self._uncount_ahead(future)
+            self._uncount_ahead(nbytes)
 
-    def _uncount_ahead(self, future: Future) -> None:
-        """A cast started ahead was not used: it is not part of the load's statistics."""
+    def _uncount_ahead(self, nbytes: int) -> None:
+        """A cast started ahead (of ``nbytes`` source bytes) was not used: it is not part of
+        the load's statistics."""
         with self._stats_lock:
             self.tensors_cast -= 1
-            self.bytes_read -= self._ahead_bytes.pop(id(future), 0)
+            self.bytes_read -= nbytes
 
     def submit(self, source, dtype=None, device="cpu") -> Future:
         """Schedule ``source`` (a TensorRef or a CPU torch.Tensor) as ``dtype`` on ``device``."""
