@@ -4,8 +4,8 @@
 # one small venv per transformers release with the package installed for real, so its .pth
 # startup hook is in site-packages):
 #   - the whole suite on the newest 5.x and on 4.57;
-#   - the architecture sweep and the activation tests on the oldest supported line and a
-#     middle one (the rest of the compatibility matrix: python scripts/matrix.py run).
+#   - the architecture sweep, the activation tests and the fault tests on the oldest
+#     supported line and a middle one (the rest of the compatibility matrix: python scripts/matrix.py run).
 #   FASTHUG_TEST_LINES="5.23.0" FASTHUG_SUBSET_LINES="" bash scripts/run_tests.sh   # one line
 #   bash scripts/run_tests.sh -k sweep                     # extra args go to every pytest
 set -euo pipefail
@@ -23,6 +23,7 @@ if [ -n "${full// }" ]; then
 fi
 if [ -n "${subset// }" ]; then
     # shellcheck disable=SC2086
-    "$python" scripts/matrix.py run --results "$results" --pytest="$extra" $subset || failed=1
+    # plus the fault tests: "never a SIGBUS" holds on the legacy loader path too
+    "$python" scripts/matrix.py run --results "$results" --pytest="tests/test_faults.py $extra" $subset || failed=1
 fi
 exit "$failed"

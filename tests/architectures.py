@@ -69,9 +69,11 @@ class Arch:
 
     def supported(self) -> bool:
         """Buildable on the installed transformers: inside the version gates, and its config
-        class exists there (older lines lack newer architectures)."""
+        class and Auto class exist there (older lines lack newer architectures)."""
         config_class = getattr(self.make_config, "config_class", None)
         if config_class and not hasattr(transformers, config_class):
+            return False
+        if not hasattr(transformers, self.auto_class):
             return False
         if self.min_version and TRANSFORMERS_VERSION < version.parse(self.min_version):
             return False
@@ -167,6 +169,13 @@ def clip_inputs(config) -> dict:
     }
 
 
+def text_only_inputs(config) -> dict:
+    """Text tokens for an image-text model, below its image/video token ids (100-102 in
+    the catalogue's configs), so the forward runs the language model alone; the vision
+    tower's weights are still compared tensor by tensor."""
+    return {"input_ids": _ids(100, 12), "use_cache": False}
+
+
 # --------------------------------------------------------------------------- common kwargs
 
 # special token ids well inside every vocabulary (several configs default to
@@ -254,10 +263,16 @@ W2V_LIKE = dict(
     eos_token_id=2,
 )
 
+# vision tower of the composite (image-text, contrastive) entries
+VISION_TOWER = dict(
+    hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, image_size=32, patch_size=8
+)
+
 CLM = "AutoModelForCausalLM"
 S2S = "AutoModelForSeq2SeqLM"
 MLM = "AutoModelForMaskedLM"
 IMG = "AutoModelForImageClassification"
+IMAGE_TEXT = "AutoModelForImageTextToText"
 
 
 def _arch(name, make_config, auto_class, make_inputs, tags=(), notes="", **kw) -> Arch:
@@ -562,6 +577,142 @@ ARCHITECTURES: list[Arch] = [
         {"causal", "keep_fp32"},
         notes="_keep_in_fp32_modules = [time_decay, time_first]",
     ),
+    # Newer decoder families: multi-head latent attention, attention sinks, state-space
+    # and hybrid layers, more expert layouts.
+    _arch(
+        "deepseek_v3",
+        _cfg(
+            "DeepseekV3Config",
+            moe_intermediate_size=16,
+            n_routed_experts=4,
+            num_experts_per_tok=2,
+            n_shared_experts=1,
+            first_k_dense_replace=1,
+            n_group=1,
+            topk_group=1,
+            kv_lora_rank=16,
+            q_lora_rank=16,
+            qk_rope_head_dim=8,
+            qk_nope_head_dim=8,
+            v_head_dim=8,
+            **{**LLAMA_LIKE, "num_key_value_heads": 4},
+        ),
+        CLM,
+        causal_inputs,
+        {"causal", "moe"},
+        notes="multi-head latent attention (low-rank q/kv projections); a dense first layer, "
+        "then routed + shared experts (fused at load on 5.x); e_score_correction_bias buffer",
+    ),
+    _arch(
+        "gpt_oss",
+        _cfg(
+            "GptOssConfig",
+            head_dim=8,
+            num_local_experts=4,
+            num_experts_per_tok=2,
+            sliding_window=16,
+            **{**LLAMA_LIKE, "intermediate_size": 32},
+        ),
+        CLM,
+        causal_inputs,
+        {"causal", "moe"},
+        notes="attention sinks (a per-head parameter); experts stored already fused as 3-D "
+        "gate_up_proj/down_proj with biases",
+    ),
+    _arch(
+        "glm4_moe",
+        _cfg(
+            "Glm4MoeConfig",
+            head_dim=8,
+            moe_intermediate_size=16,
+            n_routed_experts=4,
+            num_experts_per_tok=2,
+            n_shared_experts=1,
+            first_k_dense_replace=1,
+            n_group=1,
+            topk_group=1,
+            **LLAMA_LIKE,
+        ),
+        CLM,
+        causal_inputs,
+        {"causal", "moe"},
+    ),
+    _arch(
+        "ernie4_5_moe",
+        _cfg("Ernie4_5_MoeConfig", moe_num_experts=4, moe_k=2, moe_intermediate_size=16, **LLAMA_LIKE),
+        CLM,
+        causal_inputs,
+        {"causal", "moe"},
+    ),
+    _arch(
+        "granitemoe",
+        _cfg("GraniteMoeConfig", num_local_experts=4, num_experts_per_tok=2, **LLAMA_LIKE),
+        CLM,
+        causal_inputs,
+        {"causal", "moe"},
+        notes="experts stored as one 3-D input_linear/output_linear per layer",
+    ),
+    _arch(
+        "qwen3_next",
+        _cfg(
+            "Qwen3NextConfig",
+            head_dim=8,
+            num_experts=4,
+            num_experts_per_tok=2,
+            moe_intermediate_size=16,
+            shared_expert_intermediate_size=16,
+            linear_num_value_heads=4,
+            linear_num_key_heads=2,
+            linear_key_head_dim=8,
+            linear_value_head_dim=8,
+            **LLAMA_LIKE,
+        ),
+        CLM,
+        causal_inputs,
+        {"causal", "moe"},
+        notes="hybrid: gated delta-net linear attention layers beside full attention",
+    ),
+    _arch(
+        "mamba",
+        _cfg("MambaConfig", vocab_size=VOCAB, hidden_size=32, state_size=8, num_hidden_layers=2, expand=2,
+             conv_kernel=4, **TOK),
+        CLM,
+        causal_inputs,
+        {"causal", "tied"},
+        notes="state-space layers: A_log and D parameters, depthwise conv1d",
+    ),
+    _arch(
+        "mamba2",
+        _cfg("Mamba2Config", vocab_size=VOCAB, hidden_size=32, state_size=8, num_hidden_layers=2, expand=2,
+             conv_kernel=4, num_heads=8, head_dim=8, n_groups=1, chunk_size=8, **TOK),
+        CLM,
+        causal_inputs,
+        {"causal"},
+    ),
+    _arch(
+        "jamba",
+        _cfg(
+            "JambaConfig",
+            num_experts=4,
+            num_experts_per_tok=2,
+            attn_layer_period=2,
+            attn_layer_offset=1,
+            expert_layer_period=2,
+            expert_layer_offset=1,
+            mamba_d_state=8,
+            mamba_d_conv=4,
+            mamba_expand=2,
+            mamba_dt_rank=4,
+            use_mamba_kernels=False,
+            **LLAMA_LIKE,
+        ),
+        CLM,
+        causal_inputs,
+        {"causal", "moe"},
+        notes="hybrid: mamba and attention layers, experts every other layer",
+    ),
+    _arch("smollm3", _cfg("SmolLM3Config", **LLAMA_LIKE), CLM, causal_inputs, {"causal"}),
+    _arch("exaone4", _cfg("Exaone4Config", **LLAMA_LIKE), CLM, causal_inputs, {"causal"}),
     # ---------------------------------------------------------------- seq2seq
     _arch(
         "t5",
@@ -710,6 +861,24 @@ ARCHITECTURES: list[Arch] = [
         {"encoder"},
     ),
     _arch("bert_base", _cfg("BertConfig", **BERT_LIKE, pad_token_id=0), "AutoModel", encoder_inputs, {"encoder"}),
+    _arch(
+        "modernbert",
+        _cfg(
+            "ModernBertConfig",
+            vocab_size=VOCAB,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=64,
+            cls_token_id=1,
+            sep_token_id=2,
+            **TOK,
+        ),
+        MLM,
+        encoder_inputs,
+        {"encoder", "tied"},
+    ),
     # ---------------------------------------------------------------- vision
     _arch(
         "vit",
@@ -823,6 +992,74 @@ ARCHITECTURES: list[Arch] = [
         {"vision", "encoder"},
         notes="composite config (text_config + vision_config); logit_scale scalar param",
     ),
+    _arch(
+        "siglip",
+        _cfg(
+            "SiglipConfig",
+            text_config=dict(
+                vocab_size=VOCAB,
+                hidden_size=32,
+                intermediate_size=64,
+                num_hidden_layers=1,
+                num_attention_heads=4,
+                max_position_embeddings=16,
+                **TOK,
+            ),
+            vision_config=VISION_TOWER,
+        ),
+        "AutoModel",
+        clip_inputs,
+        {"vision", "encoder"},
+        notes="composite config; logit_scale and logit_bias scalar params",
+    ),
+    # Image-text models: a vision tower, a projector and a language model under one
+    # composite config; 5.x nests the language model and renames legacy keys on load.
+    _arch(
+        "llava",
+        _cfg(
+            "LlavaConfig",
+            text_config=dict(model_type="llama", **LLAMA_LIKE),
+            vision_config=dict(model_type="clip_vision_model", **VISION_TOWER),
+            image_token_index=100,
+        ),
+        IMAGE_TEXT,
+        text_only_inputs,
+        {"vision", "causal"},
+    ),
+    _arch(
+        "gemma3",
+        _cfg(
+            "Gemma3Config",
+            text_config=dict(model_type="gemma3_text", head_dim=8, sliding_window=16, **LLAMA_LIKE),
+            vision_config=dict(model_type="siglip_vision_model", **VISION_TOWER),
+            mm_tokens_per_image=4,
+            image_token_index=100,
+            boi_token_index=101,
+            eoi_token_index=102,
+        ),
+        IMAGE_TEXT,
+        text_only_inputs,
+        {"vision", "causal", "tied"},
+    ),
+    _arch(
+        "qwen2_vl",
+        _cfg(
+            "Qwen2VLConfig",
+            text_config=dict(
+                model_type="qwen2_vl_text", rope_scaling={"type": "mrope", "mrope_section": [2, 1, 1]}, **LLAMA_LIKE
+            ),
+            vision_config=dict(depth=1, embed_dim=32, hidden_size=32, num_heads=4, patch_size=4,
+                               spatial_merge_size=2, temporal_patch_size=2),
+            image_token_id=100,
+            video_token_id=101,
+            vision_start_token_id=102,
+        ),
+        IMAGE_TEXT,
+        text_only_inputs,
+        {"vision", "causal"},
+        notes="its config takes text_config from 4.52 on",
+        min_version="4.52",
+    ),
     # ---------------------------------------------------------------- audio
     _arch(
         "wav2vec2",
@@ -869,7 +1106,9 @@ def get(name: str) -> Arch:
 # qwen2_moe), tied embeddings in an encoder (bert), audio seq2seq (whisper),
 # weight-norm parametrisation (wav2vec2), BatchNorm int buffers (resnet), vision
 # transformer (vit), gemma (tied, scaled embeddings), bart, untied seq2seq with
-# keep_fp32 (mt5), keep_fp32 in a causal LM (rwkv), composite config (clip).
+# keep_fp32 (mt5), keep_fp32 in a causal LM (rwkv), composite config (clip), multi-head
+# latent attention with routed + shared experts (deepseek_v3), an image-text model whose
+# language model 5.x nests and renames (gemma3).
 REPRESENTATIVE = [
     "llama",
     "gpt2",
@@ -886,4 +1125,6 @@ REPRESENTATIVE = [
     "mt5",
     "rwkv",
     "clip",
+    "deepseek_v3",
+    "gemma3",
 ]

@@ -21,6 +21,7 @@ from safetensors.torch import load_file, save_file
 import fasthug_patch
 import fasthug_patch.engine.materialize as materialize
 import fasthug_patch.plan as plan
+from tests.architectures import TRANSFORMERS_VERSION
 from tests.parity import assert_same_model, load_model
 from tests.tiny import (
     DTYPE_KWARG,
@@ -176,11 +177,27 @@ def test_truncated_under_views_a_weight_conversion_reads(tmp_path):
     _assert_error_names_file(result, os.path.realpath(os.path.join(path, "model.safetensors")))
 
 
+# Before 4.51 the plugin answers load_state_dict with zero-copy views and stock casts them
+# itself (v4_legacy.py), so no reader thread casts on those lines.
+ENGINE_CASTS = TRANSFORMERS_VERSION.release[:2] >= (4, 51)
+
+
+@pytest.mark.skipif(not ENGINE_CASTS, reason="before 4.51 stock casts the views itself: "
+                    "test_truncated_after_a_cast_was_handed_out covers that line")
 def test_truncated_while_a_reader_thread_casts(derive):
     # Each cast chunk is prefaulted with MADV_POPULATE_READ before copy_, so the shrink
     # comes back as an error naming the file instead of a SIGBUS in a reader thread.
     path = derive("single", "truncated")
     result = _truncate_during_load(path, "model.safetensors", "in-reader-thread", "float32")
+    _assert_error_names_file(result, os.path.realpath(os.path.join(path, "model.safetensors")))
+
+
+def test_truncated_after_a_cast_was_handed_out(derive):
+    """The file shrinks once a cast tensor of it is done (4.51+: the engine's cast, read from
+    the mapping; before: a view stock is about to cast): the rest of the load must not read
+    the vanished pages, and the load ends in stock's error, the file named."""
+    path = derive("single", "truncated")
+    result = _truncate_during_load(path, "model.safetensors", "after-mapping", "float32")
     _assert_error_names_file(result, os.path.realpath(os.path.join(path, "model.safetensors")))
 
 

