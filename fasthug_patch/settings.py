@@ -81,7 +81,8 @@ def populate_mapped() -> bool | None:
     default) only where prefaulting is how a cold file gets read (FASTHUG_IO=mmap). A file
     already in the page cache, or filled by parallel reads, maps on first use by the
     kernel's fault-around more cheaply than page-by-page prefaulting (measured: 0.02 s
-    against 0.06-0.08 s for 2.2 GB held in large folios)."""
+    against 0.06-0.08 s for 2.2 GB held in large folios; with small folios prefaulting on
+    two threads wins instead, docs/design.md has both)."""
     return env_flag(POPULATE_VAR)
 
 
