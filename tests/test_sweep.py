@@ -403,6 +403,14 @@ SPECIALS = [
             note="the usual fine-tuning load: classifier re-initialised"),
     Special("mismatched_num_labels_image", "vit",
             Scenario("mismatched", load_kwargs=(("num_labels", 5), ("ignore_mismatched_sizes", True)))),
+    # loading options users pass that change what stock builds around the weights
+    Special("config_override_fewer_layers", "llama", Scenario("config_override", load_kwargs=(("num_hidden_layers", 1),)),
+            note="a config kwarg: the second layer's tensors become unexpected keys"),
+    Special("float64", "llama", Scenario("float64", load_dtype=torch.float64)),
+    Special("dtype_as_string", "gemma", Scenario("dtype_string", load_dtype="bfloat16")),
+    Special("eager_attention", "llama", Scenario("eager", load_kwargs=(("attn_implementation", "eager"),))),
+    Special("auto_map_with_max_memory", "mixtral",
+            Scenario("max_memory", load_kwargs=(("device_map", "auto"), ("max_memory", {"cpu": "1GB"})))),
 ]
 if not IS_V5:
     # on 4.57 experts are plain modules, a missing expert tensor is just a missing key
@@ -424,6 +432,21 @@ def _special_arch(name: str) -> Arch:
 @pytest.mark.parametrize("case", SPECIALS, ids=lambda c: c.name)
 def test_special_cases(checkpoints, case):
     run_case(checkpoints, _special_arch(case.arch), case.scenario, load_class=case.load_class)
+
+
+@pytest.mark.skipif(TRANSFORMERS_VERSION.release[:2] < (4, 51), reason="from_pretrained(key_mapping=) arrived in 4.51")
+def test_key_mapping(checkpoints):
+    """key_mapping= renames checkpoint keys before stock matches them (4.57 stops at the
+    first pattern that matches; 5.x applies each as a WeightRenaming in turn, so a swap of
+    two names is not one there). Layer 0's k_proj renamed onto its v_proj: k_proj is missing
+    (seeded init) and two sources meet at v_proj; whichever stock keeps, the fast path must
+    keep."""
+    arch = get("llama")
+    path, _, _ = checkpoints.get(arch, "plain", FP32)
+    pair = load_pair(arch, path, key_mapping={r"layers\.0\.self_attn\.k_proj": "layers.0.self_attn.v_proj"})
+    assert "model.layers.0.self_attn.k_proj.weight" in pair.stock_info["missing_keys"], "the mapping did not apply"
+    assert_same_pair(pair, arch.make_inputs(pair.stock.config), context="key_mapping")
+    check_path(pair.report, "key_mapping", arch.name)
 
 
 @pytest.mark.parametrize("arch_name", ["llama", "t5"])
