@@ -39,6 +39,9 @@ from packaging import version
 
 TRANSFORMERS_VERSION = version.parse(transformers.__version__)
 IS_V5 = TRANSFORMERS_VERSION.major >= 5
+# Before 4.51 the plugin answers stock's load_state_dict with zero-copy views (v4_legacy.py)
+# and stock assigns and casts them itself; from 4.51 the engine places and casts each tensor.
+LEGACY_STATE_DICT_LOAD = TRANSFORMERS_VERSION.release[:2] < (4, 51)
 
 VOCAB = 128
 SEQ_LEN = 8
@@ -1098,6 +1101,11 @@ def catalogue() -> list[Arch]:
 
 def get(name: str) -> Arch:
     return _BY_NAME[name]
+
+
+def representative() -> list[Arch]:
+    """The REPRESENTATIVE entries buildable on the installed transformers."""
+    return [get(name) for name in REPRESENTATIVE if get(name).supported()]
 
 
 # Representative subset that gets the full dtype / layout matrix in test_sweep.py.

@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 import fasthug_patch
 import fasthug_patch.engine.materialize as materialize
 import fasthug_patch.plan as plan
-from tests.architectures import TRANSFORMERS_VERSION
+from tests.architectures import LEGACY_STATE_DICT_LOAD
 from tests.parity import assert_same_model, load_model
 from tests.tiny import (
     DTYPE_KWARG,
@@ -177,12 +177,7 @@ def test_truncated_under_views_a_weight_conversion_reads(tmp_path):
     _assert_error_names_file(result, os.path.realpath(os.path.join(path, "model.safetensors")))
 
 
-# Before 4.51 the plugin answers load_state_dict with zero-copy views and stock casts them
-# itself (v4_legacy.py), so no reader thread casts on those lines.
-ENGINE_CASTS = TRANSFORMERS_VERSION.release[:2] >= (4, 51)
-
-
-@pytest.mark.skipif(not ENGINE_CASTS, reason="before 4.51 stock casts the views itself: "
+@pytest.mark.skipif(LEGACY_STATE_DICT_LOAD, reason="before 4.51 stock casts the views itself: "
                     "test_truncated_after_a_cast_was_handed_out covers that line")
 def test_truncated_while_a_reader_thread_casts(derive):
     # Each cast chunk is prefaulted with MADV_POPULATE_READ before copy_, so the shrink

@@ -13,7 +13,7 @@ import transformers
 
 import fasthug_patch
 from fasthug_patch import device_move
-from tests.architectures import IS_V5, REPRESENTATIVE, catalogue, get
+from tests.architectures import IS_V5, catalogue, get, representative
 from tests.parity import (
     assert_matches_stock,
     assert_same_model,
@@ -73,7 +73,7 @@ def test_most_architectures_stream_to_the_gpu(fp32_checkpoints):
 
 
 @pytest.mark.skipif(not IS_V5, reason="device_map='cuda' streams on 5.x")
-@pytest.mark.parametrize("name", [n for n in REPRESENTATIVE if get(n).supported()])
+@pytest.mark.parametrize("name", [entry.name for entry in representative()])
 @pytest.mark.parametrize("checkpoint_dtype, load_dtype", [
     (torch.float32, torch.bfloat16), (torch.float32, torch.float16), (torch.bfloat16, torch.float32),
     (torch.bfloat16, torch.bfloat16), (torch.float16, torch.bfloat16),
@@ -120,7 +120,7 @@ def test_device_map_forms(device_map, fp32_checkpoints):
     assert report_path(pair.report) == "fast"
 
 
-@pytest.mark.parametrize("name", [n for n in REPRESENTATIVE if get(n).supported()])
+@pytest.mark.parametrize("name", [entry.name for entry in representative()])
 @pytest.mark.parametrize("how", ["cuda()", "to('cuda')", "to(device=cuda:0)"])
 def test_model_cuda_after_a_cpu_load_streams_and_matches_stock(name, how, fp32_checkpoints):
     entry = get(name)

@@ -10,7 +10,16 @@ import transformers
 import fasthug_patch
 from fasthug_patch import capabilities, quant
 from fasthug_patch.capabilities import Facts
-from tests.parity import assert_matches_stock, assert_same_model, assert_same_pair, dtype_kwargs, load_both, load_pair
+from tests.architectures import get
+from tests.parity import (
+    assert_matches_stock,
+    assert_same_model,
+    assert_same_pair,
+    build_checkpoint,
+    dtype_kwargs,
+    load_both,
+    load_pair,
+)
 from tests.tiny import tiny_llama_config
 
 bnb = pytest.importorskip("bitsandbytes")
@@ -371,9 +380,6 @@ QUANTISED_ARCHS = ["deepseek_v3", "gpt_oss", "mamba", "gemma3", "t5"]
 @pytest.fixture(scope="module")
 def arch_bf16(tmp_path_factory):
     """name -> a bf16 checkpoint of that catalogue entry, built on first use."""
-    from tests.architectures import get
-    from tests.parity import build_checkpoint
-
     built = {}
 
     def make(name):
@@ -395,8 +401,6 @@ def test_quantised_architectures_match_stock(arch_bf16, tmp_path, arch, name):
     """On the fly (fast on 5.x, stock on 4.57 with the reason), then the pre-quantised
     checkpoint stock saves from that model (fast on both lines): the same model as stock,
     quantised attributes included."""
-    from tests.architectures import get
-
     entry = get(arch)
     config = transformers.BitsAndBytesConfig(**CONFIGS[name])
     pair = load_pair(entry, arch_bf16(arch), quantization_config=config, device_map="cpu")

@@ -42,7 +42,7 @@ import transformers
 from safetensors.torch import load_file
 
 import fasthug_patch  # noqa: F401  (importing it patches transformers)
-from tests.architectures import IS_V5, REPRESENTATIVE, TRANSFORMERS_VERSION, Arch, catalogue, get
+from tests.architectures import IS_V5, LEGACY_STATE_DICT_LOAD, TRANSFORMERS_VERSION, Arch, catalogue, get, representative
 from tests.parity import (
     DEFAULT,
     adopt_values_stock_leaves_undefined,
@@ -71,7 +71,7 @@ pytestmark = [
 ]
 
 ARCHS = catalogue()
-REPR = [get(n) for n in REPRESENTATIVE if get(n).supported()]
+REPR = representative()
 MOE = [a for a in ARCHS if "moe" in a.tags]
 
 FP32, BF16, FP16 = torch.float32, torch.bfloat16, torch.float16
@@ -91,7 +91,7 @@ EXPECTED_FALLBACKS: dict[str, str] = {
 # No exception for classes with `_supports_param_buffer_assignment = False` (GPT-J,
 # GPT2Model): before 4.51 the plugin hands stock the tensors and stock decides whether
 # to assign or copy them; 4.51+ assigns to every class alike.
-if TRANSFORMERS_VERSION.release[:2] < (4, 51):  # v4_legacy.py answers these shards
+if LEGACY_STATE_DICT_LOAD:  # v4_legacy.py answers these shards
     EXPECTED_FALLBACKS.update({
         "bin": "before 4.51 stock already loads .bin shards with torch.load(mmap=True); the engine "
         "answers safetensors shards only",
