@@ -1,4 +1,4 @@
-"""Which checkpoint tensors to start casting before the model exists.
+"""Which checkpoint tensors to start casting, or mapping, before the model exists.
 
 Stock settles the dtype the model is built in (``_get_dtype``) just before it builds the
 model on the meta device; the loader asks for each tensor as some dtype only afterwards.
@@ -16,6 +16,10 @@ A guess is only made where it is usually right:
   bitsandbytes saved quantised is fine, its float tensors are cast like any other;
 - not a module the class keeps in fp32 (``_keep_in_fp32_modules``, stock's pattern);
 - floating tensors of at least ``MIN_BYTES``, stored in another dtype.
+
+Under the same conditions the tensors the loader will take as they are stored (``views``)
+have their pages mapped into the process ahead (engine ``Materializer.map_ahead``), so the
+user's first forward pass does not fault them in one at a time.
 """
 
 from __future__ import annotations
@@ -33,16 +37,8 @@ _BNB_SAVED = re.compile(r"\.SCB$|\.quant_state\.bitsandbytes__|\.weight_format$"
 def guess(refs, dtype, device_map, config, model_class) -> list:
     """The TensorRefs among ``refs`` (name -> TensorRef) to cast to ``dtype`` ahead of the
     loader, in file order; empty where no guess is safe enough to be worth it."""
-    import torch
-
-    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+    if not _worth_guessing(refs, dtype, device_map, config):
         return []
-    if capabilities.device_kinds(device_map) != frozenset({"cpu"}):
-        return []
-    if getattr(config, "quantization_config", None) is not None:
-        # Without a device map bitsandbytes picks a GPU where there is one.
-        if device_map is None or not any(map(_BNB_SAVED.search, refs)):
-            return []
     kept = _kept_in_fp32(model_class)
     chosen = [
         ref for name, ref in refs.items()
@@ -50,6 +46,56 @@ def guess(refs, dtype, device_map, config, model_class) -> list:
         and ref.torch_dtype() != dtype and not (kept and kept.search(name))
     ]
     return sorted(chosen, key=lambda ref: (ref.file, ref.offset))
+
+
+def views(refs, dtype, device_map, config, model_class) -> list:
+    """The TensorRefs among ``refs`` that the loader will most likely take as they are
+    stored (zero-copy views of the mapped file), in file order: those ``guess`` does not
+    cast and whose stored dtype is the one they end up in. Same conditions as ``guess``.
+    A wrong guess maps pages nobody reads; it never changes the model."""
+    import torch
+
+    if not _worth_guessing(refs, dtype, device_map, config):
+        return []
+    kept = _kept_in_fp32(model_class)
+
+    def final_dtype(name, stored):
+        if not stored.is_floating_point:
+            return stored
+        return torch.float32 if kept and kept.search(name) else dtype
+
+    chosen = [ref for name, ref in refs.items()
+              if ref.nbytes and final_dtype(name, ref.torch_dtype()) == ref.torch_dtype()]
+    return sorted(chosen, key=lambda ref: (ref.file, ref.offset))
+
+
+def _worth_guessing(refs, dtype, device_map, config) -> bool:
+    """Whether this load is one where the loader's dtypes can be told before it runs:
+    one floating dtype, every weight on the CPU, no quantising on the fly."""
+    import torch
+
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        return False
+    if capabilities.device_kinds(device_map) != frozenset({"cpu"}):
+        return False
+    if getattr(config, "quantization_config", None) is not None:
+        # Without a device map bitsandbytes picks an accelerator where there is one.
+        if not any(map(_BNB_SAVED.search, refs)) or (device_map is None and _accelerator_present()):
+            return False
+    return True
+
+
+def _accelerator_present() -> bool:
+    """Whether torch sees any accelerator (CUDA, XPU, ...); True where it cannot say."""
+    import torch
+
+    accelerator = getattr(torch, "accelerator", None)
+    if accelerator is None or not hasattr(accelerator, "current_accelerator"):
+        return True
+    try:
+        return accelerator.current_accelerator() is not None
+    except Exception:  # noqa: BLE001 - a guess: assume one
+        return True
 
 
 def _kept_in_fp32(model_class):

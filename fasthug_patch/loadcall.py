@@ -67,7 +67,8 @@ class LoadCall:
 
     def cast_ahead(self, dtype, config) -> None:
         """Stock has settled the dtype the model is built in (``dtype``) and is about to
-        build it: start the casts it will most likely ask for (cast_ahead.py). Never
+        build it: start the casts it will most likely ask for, then map the pages of the
+        tensors it will most likely take as they are (cast_ahead.py). Never
         raises, like prefetch: whatever goes wrong here is met again, and handled, when the
         loader asks for the tensors."""
         if self._materializer is None or not self.checkpoint_files or not settings.cast_ahead():
@@ -78,9 +79,13 @@ class LoadCall:
             files = [str(f) for f in self.checkpoint_files]
             if not all(f.endswith(".safetensors") for f in files):
                 return
-            refs = cast_ahead.guess(self.index.tensors(files), dtype, self.device_map, config, self.model_class)
+            tensors = self.index.tensors(files)
+            refs = cast_ahead.guess(tensors, dtype, self.device_map, config, self.model_class)
             if refs:
                 self.materializer.cast_ahead(refs, dtype)
+            views = cast_ahead.views(tensors, dtype, self.device_map, config, self.model_class)
+            if views:
+                self.materializer.map_ahead(views)  # queued behind the casts: they are waited for first
         except Exception as exc:  # noqa: BLE001
             self.report.notes.append(f"cast ahead skipped: {exc}")
 

@@ -77,12 +77,12 @@ def chunk_bytes() -> int:
 
 
 def populate_mapped() -> bool | None:
-    """Prefault zero-copy tensors before returning: True always, False never, None (the
-    default) only where prefaulting is how a cold file gets read (FASTHUG_IO=mmap). A file
-    already in the page cache, or filled by parallel reads, maps on first use by the
-    kernel's fault-around more cheaply than page-by-page prefaulting (measured: 0.02 s
-    against 0.06-0.08 s for 2.2 GB held in large folios; with small folios prefaulting on
-    two threads wins instead, docs/design.md has both)."""
+    """Prefault zero-copy tensors: True every one before it is handed out, False never (they
+    map on first use), None (the default) where it pays. There a page-cached file's views
+    are mapped ahead on the cast threads while stock builds the model (Materializer.
+    map_ahead), and a cold file's only where prefaulting is how it gets read (FASTHUG_IO=
+    mmap); a filled file's views map on first use, because prefaulting each piece as its
+    bytes arrived made cold loads slower. docs/design.md has the measurements."""
     return env_flag(POPULATE_VAR)
 
 

@@ -1,8 +1,12 @@
-"""Casts started while stock builds the model (cast_ahead.py, Materializer.cast_ahead): which
-tensors are guessed, a guess handed over only to the request it guessed, wrong guesses
-dropped, and whole loads the same as stock with guesses right and wrong."""
+"""Work started while stock builds the model (cast_ahead.py): casts (Materializer.cast_ahead)
+and the mapping of zero-copy views (Materializer.map_ahead). Which tensors are guessed, a
+guess handed over only to the request it guessed, wrong guesses dropped, pages mapped only
+for cached files, and whole loads the same as stock with guesses right and wrong."""
 
 from __future__ import annotations
+
+import os
+import struct
 
 import pytest
 import torch
@@ -11,7 +15,7 @@ from safetensors.torch import save_file
 
 import fasthug_patch
 from fasthug_patch import cast_ahead, loadcall
-from fasthug_patch.engine import Materializer
+from fasthug_patch.engine import Materializer, materialize
 from fasthug_patch.plan import CheckpointIndex, TensorRef
 from tests.parity import assert_same_pair, dtype_kwargs, load_pair
 from tests.tiny import save_tiny_llama
@@ -143,8 +147,28 @@ def test_quantised_loads_are_guessed_only_for_checkpoints_bitsandbytes_saved():
     on_the_fly = {"w": _ref("w")}
     saved = {"w": _ref("w"), "layers.0.q.SCB": _ref("layers.0.q.SCB", "F32", nbytes=64)}
     assert cast_ahead.guess(on_the_fly, torch.float16, "cpu", config, None) == []
-    assert cast_ahead.guess(saved, torch.float16, None, config, None) == []  # bitsandbytes may pick a GPU
     assert [ref.name for ref in cast_ahead.guess(saved, torch.float16, "cpu", config, None)] == ["w"]
+
+
+@pytest.mark.parametrize("present", [True, False], ids=["accelerator", "cpu-only"])
+def test_without_a_device_map_a_quantised_load_is_guessed_only_where_there_is_no_accelerator(monkeypatch, present):
+    """bitsandbytes' update_device_map puts the weights on the accelerator when there is one."""
+    monkeypatch.setattr(cast_ahead, "_accelerator_present", lambda: present)
+    config = transformers.LlamaConfig()
+    config.quantization_config = {"quant_method": "bitsandbytes", "load_in_8bit": True}
+    saved = {"w": _ref("w"), "layers.0.q.weight": _ref("layers.0.q.weight", "I8", offset=8 * MiB),
+             "layers.0.q.SCB": _ref("layers.0.q.SCB", "F32", nbytes=64)}
+    assert [ref.name for ref in cast_ahead.guess(saved, torch.float16, None, config, None)] == ([] if present else ["w"])
+    views = cast_ahead.views(saved, torch.float16, None, config, None)
+    assert [ref.name for ref in views] == ([] if present else ["layers.0.q.weight"])
+
+
+def test_accelerator_presence_is_what_torch_says():
+    accelerator = getattr(torch, "accelerator", None)
+    if accelerator is None or not hasattr(accelerator, "current_accelerator"):
+        assert cast_ahead._accelerator_present()  # cannot tell: assume one
+    else:
+        assert cast_ahead._accelerator_present() == (accelerator.current_accelerator() is not None)
 
 
 def test_modules_the_class_keeps_in_fp32_are_not_guessed():
@@ -156,6 +180,129 @@ def test_modules_the_class_keeps_in_fp32_are_not_guessed():
         ["layers.0.wo.weight", "layers.0.wov.weight", "router.weight", "layers.0.wi.weight"])}
     chosen = cast_ahead.guess(refs, torch.float16, None, CONFIG, Kept)
     assert [ref.name for ref in chosen] == ["layers.0.wov.weight", "layers.0.wi.weight"]
+
+
+def test_views_are_the_tensors_stored_as_they_end_up():
+    class Kept:
+        _keep_in_fp32_modules = ["wo"]
+
+    refs = {name: _ref(name, kind, offset=i * 8 * MiB) for i, (name, kind) in enumerate([
+        ("embed.weight", "BF16"), ("layers.0.wi.weight", "F32"), ("layers.0.wo.weight", "F32"),
+        ("layers.1.wo.weight", "BF16"), ("layers.0.q.weight", "I8"), ("tiny", "BF16")])}
+    refs["tiny"] = _ref("tiny", nbytes=2, offset=99 * MiB)
+    views = cast_ahead.views(refs, torch.bfloat16, "cpu", CONFIG, Kept)
+    # fp32 modules the class keeps stay fp32; another fp32 tensor is cast, as is a kept bf16 one
+    assert [ref.name for ref in views] == ["embed.weight", "layers.0.wo.weight", "layers.0.q.weight", "tiny"]
+    assert not {ref.name for ref in views} & {ref.name for ref in cast_ahead.guess(refs, torch.bfloat16, "cpu", CONFIG, Kept)}
+
+
+@pytest.mark.parametrize("device_map", ["cuda", "auto", {"model": "cpu", "lm_head": 0}])
+def test_no_views_guessed_for_weights_placed_off_the_cpu(device_map):
+    assert cast_ahead.views({"w": _ref("w")}, torch.bfloat16, device_map, CONFIG, None) == []
+
+
+def test_no_views_guessed_when_quantising_on_the_fly():
+    config = transformers.LlamaConfig()
+    config.quantization_config = {"quant_method": "bitsandbytes", "load_in_8bit": True}
+    assert cast_ahead.views({"w": _ref("w")}, torch.bfloat16, "cpu", config, None) == []
+
+
+def test_extents_merge_neighbouring_tensors_of_one_file():
+    a = TensorRef("a", "x", "BF16", (4,), 0, 8)
+    b = TensorRef("a", "y", "BF16", (4,), 8 + 1000, 8)  # a small gap: one range
+    c = TensorRef("a", "z", "BF16", (4,), 10 * MiB, 8)  # far: a range of its own
+    d = TensorRef("b", "w", "BF16", (4,), 16, 8)
+    empty = TensorRef("b", "e", "BF16", (0,), 100, 0)
+    assert materialize._extents([a, b, c, d, empty]) == [("a", 0, 1016), ("a", 10 * MiB, 10 * MiB + 8), ("b", 16, 24)]
+
+
+def _pages_mapped(address: int, length: int) -> int:
+    """How many of the pages of [address, address+length) this process has mapped (the
+    present bit of /proc/self/pagemap, which needs no privilege)."""
+    page = os.sysconf("SC_PAGE_SIZE")
+    first, last = address // page, (address + length - 1) // page
+    with open("/proc/self/pagemap", "rb") as pagemap:
+        pagemap.seek(first * 8)
+        entries = struct.unpack(f"{last - first + 1}Q", pagemap.read((last - first + 1) * 8))
+    return sum(entry >> 63 for entry in entries)
+
+
+@pytest.fixture()
+def cached_bf16(tmp_path):
+    """A page-cached file of two 1 MiB bf16 tensors with a small one between them."""
+    torch.manual_seed(0)
+    tensors = {"a": torch.randn(512, 1024).bfloat16(), "s": torch.randn(10).bfloat16(),
+               "b": torch.randn(1024, 512).bfloat16()}
+    path = str(tmp_path / "m.safetensors")
+    save_file(tensors, path)
+    return tensors, CheckpointIndex().tensors([path])
+
+
+def test_map_ahead_maps_the_views_pages_before_anyone_reads_them(cached_bf16):
+    tensors, refs = cached_bf16
+    engine = Materializer(threads=2, chunk_bytes=64 << 10, populate=None)
+    try:
+        views = [refs["a"], refs["b"]]
+        assert engine.map_ahead(views) == refs["b"].offset + refs["b"].nbytes - refs["a"].offset  # one range
+        engine._cast_pool.submit(lambda: None).result()  # the pool runs in order: the pieces are done
+        engine._cast_pool.submit(lambda: None).result()
+        mapped = engine.files.get(refs["a"].file)
+        for ref in views:
+            pages = -(-ref.nbytes // os.sysconf("SC_PAGE_SIZE"))
+            assert _pages_mapped(mapped.base + ref.offset, ref.nbytes) >= pages, ref.name
+        got = engine.submit(refs["a"], torch.bfloat16).result()
+        assert _bits(got) == _bits(tensors["a"])
+    finally:
+        engine.close()
+    assert any("mapped ahead of the loader" in note for note in engine.notes), engine.notes
+
+
+def test_map_ahead_leaves_cold_files_and_a_populate_off_setting_alone(cached_bf16, monkeypatch):
+    from fasthug_patch.engine import residency
+
+    _, refs = cached_bf16
+    engine = Materializer(threads=2, chunk_bytes=64 << 10, populate=False)
+    try:
+        assert engine.map_ahead([refs["a"]]) == 0  # FASTHUG_POPULATE=0
+    finally:
+        engine.close()
+    monkeypatch.setattr(residency, "resident_fraction", lambda path: 0.0)
+    engine = Materializer(threads=2, chunk_bytes=64 << 10, populate=None)
+    try:
+        assert engine.map_ahead([refs["a"]]) == 0  # cold: mapped as it is read, not ahead
+    finally:
+        engine.close()
+    assert not any("mapped ahead" in note for note in engine.notes)
+
+
+def test_map_ahead_over_a_file_truncated_under_it_is_quiet(cached_bf16, monkeypatch):
+    """A piece that cannot be mapped (the file shrank) is not this work's error to raise: the
+    load's own checks report the changed file. No SIGBUS, no exception from close()."""
+    from fasthug_patch.engine.mapped import MappedFile
+
+    _, refs = cached_bf16
+    raised = []
+    populate_bytes = MappedFile.populate_bytes
+
+    def recording(self, *args, **kwargs):
+        try:
+            return populate_bytes(self, *args, **kwargs)
+        except Exception as exc:
+            raised.append(exc)
+            raise
+
+    monkeypatch.setattr(MappedFile, "populate_bytes", recording)
+    engine = Materializer(threads=2, chunk_bytes=64 << 10, populate=None)
+    try:
+        engine.files.get(refs["a"].file)  # mapped at its full size
+        os.truncate(refs["a"].file, 4096)
+        assert engine.map_ahead([refs["a"], refs["b"]]) > 0
+        engine._cast_pool.submit(lambda: None).result()
+        engine._cast_pool.submit(lambda: None).result()
+    finally:
+        engine.close()
+    assert engine._failed is None
+    assert raised and refs["a"].file in str(raised[0]), raised  # the truncation was met, and named the file
 
 
 # -- whole loads ---------------------------------------------------------------------------------
@@ -243,3 +390,16 @@ def test_guesses_are_dropped_when_the_loader_goes_stock(tmp_path, every_tensor_g
     assert drops and drops[0][0] > 0 and drops[0][1], drops  # dropped as the decline was recorded
     started, claimed = every_tensor_guessed[-1]
     assert started > 0 and claimed == 0
+
+
+@needs_dtype_hook
+@pytest.mark.parametrize("populate", [None, "0"], ids=["default", "populate-off"])
+def test_loads_map_their_views_ahead_and_stay_stock_loads(tmp_path, monkeypatch, populate):
+    if populate is not None:
+        monkeypatch.setenv("FASTHUG_POPULATE", populate)
+    path = save_tiny_llama(str(tmp_path / "tiny"), dtype=torch.bfloat16)
+    pair = load_pair(transformers.AutoModelForCausalLM, path, **dtype_kwargs(torch.bfloat16))
+    assert pair.report.path == "fast", pair.report
+    assert_same_pair(pair, {"input_ids": torch.arange(8).view(1, 8)}, context="views mapped ahead")
+    mapped_ahead = [note for note in pair.report.notes if "mapped ahead of the loader" in note]
+    assert bool(mapped_ahead) == (populate is None), pair.report.notes

@@ -134,16 +134,20 @@ class MappedFile:
     def populate(self, ref: TensorRef, start: int, length: int) -> None:
         """Make bytes [start, start+length) of ``ref`` resident, reporting a vanished or
         unreadable range as an error that names the file instead of a SIGBUS later."""
+        self.populate_bytes(ref.offset + start, length, ref.name)
+
+    def populate_bytes(self, begin: int, length: int, label: str | None = None) -> None:
+        """Make bytes [begin, begin+length) of the file resident in this mapping; an error
+        naming the file (and ``label``, the tensor) if they cannot be read."""
         if length <= 0 or not self._populate_supported:
             return
-        begin = ref.offset + start
         try:
             _populate(self.base + begin, length)
         except _NotSupported:
             self._populate_supported = False
         except OSError as exc:
             raise CheckpointError(
-                self.path, ref.name,
+                self.path, label,
                 f"bytes {begin}..{begin + length} could not be read ({exc.strerror}); was the file changed?",
             ) from None
 
