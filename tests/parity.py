@@ -1,7 +1,8 @@
 """Helpers for stock-vs-fast parity tests.
 
 * :func:`build_checkpoint` writes a seeded random checkpoint of a catalogue entry
-  with ``save_pretrained`` (safetensors or ``.bin``, sharded, variant, any dtype).
+  with ``save_pretrained`` (safetensors or ``.bin``, sharded, variant, any dtype);
+  :func:`checkpoint_builder` writes each (entry, dtype) once, on first use.
 * :func:`edit_safetensors` deletes / adds tensors in a saved ``.safetensors`` file.
 * :func:`load_pair` loads one checkpoint twice: stock under ``fasthug_patch.disabled()``
   and fast under ``fasthug_patch.enabled()``, and returns both plus the fast report.
@@ -148,6 +149,20 @@ def build_checkpoint(
     else:
         model.save_pretrained(directory, safe_serialization=safe_serialization, **kwargs)
     return directory
+
+
+def checkpoint_builder(root: str | os.PathLike):
+    """``get(entry, dtype=float32) -> path``: build_checkpoint under ``root``, each
+    (entry, dtype) written once, on first use (for module- or session-scoped fixtures)."""
+    built: dict[tuple[str, torch.dtype], Path] = {}
+
+    def get(entry: Arch, dtype: torch.dtype = torch.float32) -> Path:
+        key = (entry.name, dtype)
+        if key not in built:
+            built[key] = build_checkpoint(entry, Path(root) / f"{entry.name}-{str(dtype).removeprefix('torch.')}", dtype)
+        return built[key]
+
+    return get
 
 
 def checkpoint_files(directory: str | os.PathLike) -> list[Path]:

@@ -18,6 +18,7 @@ from tests.parity import (
     assert_matches_stock,
     assert_same_model,
     build_checkpoint,
+    checkpoint_builder,
     dtype_kwargs,
     edit_safetensors,
     load_both,
@@ -40,16 +41,7 @@ def _quiet():
 
 @pytest.fixture(scope="module")
 def fp32_checkpoints(tmp_path_factory):
-    root = tmp_path_factory.mktemp("gpu_ckpts")
-    cache = {}
-
-    def get_checkpoint(entry, dtype=torch.float32):
-        key = (entry.name, dtype)
-        if key not in cache:
-            cache[key] = build_checkpoint(entry, root / f"{entry.name}-{str(dtype)[6:]}", dtype)
-        return cache[key]
-
-    return get_checkpoint
+    return checkpoint_builder(tmp_path_factory.mktemp("gpu_ckpts"))
 
 
 @pytest.mark.skipif(not IS_V5, reason="device_map='cuda' streams on 5.x (4.x loads it stock)")

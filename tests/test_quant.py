@@ -15,7 +15,7 @@ from tests.parity import (
     assert_matches_stock,
     assert_same_model,
     assert_same_pair,
-    build_checkpoint,
+    checkpoint_builder,
     dtype_kwargs,
     load_both,
     load_pair,
@@ -380,15 +380,13 @@ QUANTISED_ARCHS = ["deepseek_v3", "gpt_oss", "mamba", "gemma3", "t5"]
 @pytest.fixture(scope="module")
 def arch_bf16(tmp_path_factory):
     """name -> a bf16 checkpoint of that catalogue entry, built on first use."""
-    built = {}
+    build = checkpoint_builder(tmp_path_factory.mktemp("quant_archs"))
 
     def make(name):
-        if name not in built:
-            entry = get(name)
-            if not entry.supported():
-                pytest.skip(f"{name} is not buildable on transformers {transformers.__version__}")
-            built[name] = str(build_checkpoint(entry, tmp_path_factory.mktemp(name), dtype=torch.bfloat16))
-        return built[name]
+        entry = get(name)
+        if not entry.supported():
+            pytest.skip(f"{name} is not buildable on transformers {transformers.__version__}")
+        return str(build(entry, torch.bfloat16))
 
     return make
 
