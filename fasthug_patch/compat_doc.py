@@ -42,7 +42,7 @@ def render() -> str:
     lines += [
         "",
         "A release without an adapter, or not in the tested list, loads with stock transformers and",
-        "the report says why; `{capabilities.settings.ALLOW_UNTESTED_VAR}=1` opts an untested release",
+        f"the report says why; `{capabilities.settings.ALLOW_UNTESTED_VAR}=1` opts an untested release",
         "of a known line into the fast path.",
         "",
         "## When the stock loader is used",

@@ -6,12 +6,12 @@
 #   - the whole suite on the newest 5.x and on 4.57;
 #   - the architecture sweep, the activation tests and the fault tests on the oldest
 #     supported line and a middle one (the rest of the compatibility matrix: python scripts/matrix.py run).
-#   FASTHUG_TEST_LINES="5.23.0" FASTHUG_SUBSET_LINES="" bash scripts/run_tests.sh   # one line
+#   FASTHUG_TEST_LINES="5.24.0" FASTHUG_SUBSET_LINES="" bash scripts/run_tests.sh   # one line
 #   bash scripts/run_tests.sh -k sweep                     # extra args go to every pytest
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python="${PYTHON:-python3}"
-full="${FASTHUG_TEST_LINES:-5.23.0 4.57.6}"
+full="${FASTHUG_TEST_LINES:-5.24.0 4.57.6}"
 subset="${FASTHUG_SUBSET_LINES-4.43.4 4.50.3}"
 results=".matrix/results"
 extra=""

@@ -24,7 +24,8 @@ An entry is an :class:`Arch`:
 
 Use :func:`catalogue` for the entries that work on the installed transformers
 version (entries can carry ``min_version``/``max_version`` gates; none of the
-current ones need one, all build on both 4.57 and 5.23).
+current ones need one: an entry whose config class a line lacks is skipped there, as
+5.24's exaone, dory, lara_mini and sarvam_moe are before 5.24).
 """
 
 from __future__ import annotations
@@ -716,6 +717,59 @@ ARCHITECTURES: list[Arch] = [
     ),
     _arch("smollm3", _cfg("SmolLM3Config", **LLAMA_LIKE), CLM, causal_inputs, {"causal"}),
     _arch("exaone4", _cfg("Exaone4Config", **LLAMA_LIKE), CLM, causal_inputs, {"causal"}),
+    # 5.24's checkpoint conversions: save_pretrained writes the original checkpoint layout and
+    # from_pretrained renames, splits or regroups it while loading (the config classes exist
+    # from 5.24 on only, so older lines skip these entries).
+    _arch(
+        "exaone",
+        _cfg("ExaoneConfig", **LLAMA_LIKE),
+        CLM,
+        causal_inputs,
+        {"causal"},
+        notes="a LlamaForCausalLM whose files keep EXAONE's names (transformer.h.N.attn.attention...), "
+        "renamed at load",
+    ),
+    _arch(
+        "dory",
+        _cfg("DoryConfig", head_dim=8, sliding_window=16, n_input_layers=1, n_output_layers=1, n_recurrent_loops=2,
+             **{**LLAMA_LIKE, "num_hidden_layers": 3}),
+        CLM,
+        causal_inputs,
+        {"causal"},
+        notes="recurrent middle layers; files under backbone. with a rename that computes each target "
+        "layer (LayerPairCollapse)",
+    ),
+    _arch(
+        "lara_mini",
+        _cfg(
+            "LaraMiniConfig",
+            head_dim=8,
+            num_experts=4,
+            num_experts_per_tok=2,
+            moe_intermediate_size=16,
+            shared_expert_intermediate_size=16,
+            linear_num_value_heads=4,
+            linear_num_key_heads=2,
+            linear_key_head_dim=8,
+            linear_value_head_dim=8,
+            sliding_window=16,
+            **{**LLAMA_LIKE, "num_hidden_layers": 4},
+        ),
+        CLM,
+        causal_inputs,
+        {"causal", "moe", "tied"},
+        notes="hybrid gated delta-net; the files' fused linear_attn.in_proj is split into four at load",
+    ),
+    _arch(
+        "sarvam_moe",
+        _cfg("SarvamMoEConfig", head_dim=8, moe_intermediate_size=16, n_routed_experts=4, num_experts_per_tok=2,
+             n_shared_experts=1, first_k_dense_replace=1, **LLAMA_LIKE),
+        CLM,
+        causal_inputs,
+        {"causal", "moe"},
+        notes="a Glm4MoeForCausalLM from files with fused query_key_value (split at load) and "
+        "per-expert weights (fused at load)",
+    ),
     # ---------------------------------------------------------------- seq2seq
     _arch(
         "t5",

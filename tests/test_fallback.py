@@ -14,7 +14,7 @@ import transformers
 from transformers import AutoModelForCausalLM
 
 import fasthug_patch
-from fasthug_patch import capabilities
+from fasthug_patch import capabilities, settings
 from fasthug_patch.capabilities import Facts
 from tests.tiny import DTYPE_KWARG, save_tiny_llama, state_bytes
 
@@ -163,6 +163,7 @@ def test_compatibility_doc_is_generated_and_current():
     assert compat_doc.main(["--check"]) == 0, "run python -m fasthug_patch.compat_doc"
     text = compat_doc.render()
     assert all(f"`{rule.key}`" in text for rule in capabilities.RULES)
+    assert f"`{settings.ALLOW_UNTESTED_VAR}=1`" in text, "the opt-in variable is named, not a template"
 
 
 def _message_fragments(node) -> list[str]:
