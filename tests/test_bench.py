@@ -411,6 +411,22 @@ def test_format_table():
     assert "**NO**" in runner.format_table(result)
 
 
+def test_bare_cast_ceiling_casts_what_the_load_would(tmp_path):
+    """ceiling.bare_cast_seconds times a new process casting a file's floating tensors to the
+    load's dtype; nothing to cast (or no file) is no figure, not a zero."""
+    import torch
+    from safetensors.torch import save_file
+
+    from fasthug_patch.bench import ceiling
+
+    path = str(tmp_path / "model.safetensors")
+    save_file({"a": torch.randn(300, 50), "b": torch.randn(7), "steps": torch.arange(5)}, path)
+    found = ceiling.bare_cast_seconds([path], "bfloat16", repeats=2, threads=2)
+    assert found["bare_cast_s"] > 0 and found["bare_cast_dtype"] == "bfloat16" and found["bare_cast_threads"] == 2
+    assert ceiling.bare_cast_seconds([path], "float32", repeats=1) == {}  # already float32: nothing to cast
+    assert ceiling.bare_cast_seconds([str(tmp_path / "missing.safetensors")], "bfloat16", repeats=1) == {}
+
+
 def test_cli_explain(tiny):
     proc = subprocess.run([sys.executable, "-m", "fasthug_patch.cli", "explain", tiny, "--device-map", "cpu",
                            "--dtype", "bf16"], env=_env(), capture_output=True, text=True, timeout=300)

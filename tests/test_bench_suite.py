@@ -159,11 +159,36 @@ def test_a_warm_cast_is_measured_against_writing_its_result_into_fresh_memory(tm
         "stock 3.00 s, patched 2.20 s; at most 2.31x over stock is possible"]
 
 
-def test_a_warm_cast_gets_its_floor_measured_at_the_size_of_its_result():
-    cast = _result("D4", "1b", 3.0, 2.2, ceilings={"memcpy_gbps": 10.0}, weight_bytes=64 << 20)
+def test_a_measured_bare_cast_is_the_warm_casts_closer_floor():
+    """Where the bare cast was measured (the same cast with no model), the row's *of
+    ceiling* is that time over patched, and the floor lines say what it leaves to gain."""
+    ceilings = {"memcpy_gbps": 10.0, "fresh_write_gbps": 4.0, "bare_cast_s": 1.65, "bare_cast_dtype": "float32",
+                "bare_cast_threads": 2}
+    d4 = _result("D4", "1b", 3.0, 2.2, ceilings=ceilings, weight_bytes=4.4e9)
+    assert suite.ceiling_fraction(d4) == pytest.approx(1.65 / 2.2)
+    s1 = _result("S1", "1b", 0.30, 0.25)
+    s1["stats"]["patched"]["from_pretrained_s"] = {"median": 0.20, "min": 0.2, "max": 0.3}
+    lines = suite.cast_floor_lines([d4, s1])
+    assert lines[1] == ("- D4 1b, the cast itself: a new process casting the files' tensors to float32 into fresh "
+                        "memory on 2 threads, no model, 1.65 s, plus 0.20 s building the model = 1.85 s; at most "
+                        "1.62x over stock is possible, patched is at 84% of it")
+    # not a warm cast: the bare cast is not its ceiling
+    assert suite.ceiling_fraction(dict(d4, cold=True, ceilings=dict(ceilings, cold_read_gbps=1.0))) == \
+        pytest.approx(2.2 / 1.0 / 2.2)
+
+
+def test_a_warm_cast_gets_its_floor_measured_at_the_size_of_its_result(tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.randn(64, 64)}, str(tmp_path / "model.safetensors"))
+    cast = _result("D4", "1b", 3.0, 2.2, ceilings={"memcpy_gbps": 10.0}, weight_bytes=64 << 20,
+                   path=str(tmp_path), loaded_dtypes={"bfloat16": 8192, "float32": 256})
     runner.add_cast_floor(cast)
     assert cast["ceilings"]["fresh_write_bytes"] == 64 << 20 and cast["ceilings"]["fresh_write_gbps"] > 0
     assert cast["ceilings"]["memcpy_gbps"] == 10.0
+    # and the bare cast of its files, to the dtype most of the loaded bytes have
+    assert cast["ceilings"]["bare_cast_s"] > 0 and cast["ceilings"]["bare_cast_dtype"] == "bfloat16"
     same = _result("S1", "1b", 1.0, 0.5, ceilings={"memcpy_gbps": 10.0})
     runner.add_cast_floor(same)
     assert same["ceilings"] == {"memcpy_gbps": 10.0}

@@ -353,13 +353,22 @@ def is_warm_cast(result: dict) -> bool:
 
 def add_cast_floor(result: dict, python: str = sys.executable) -> None:
     """For a warm cast with measured ceilings: add a new process's first-write rate at the
-    size of the loaded weights (the floor of any cast load; the per-checkpoint figure is
-    measured at the checkpoint's size, and the rate depends on the size)."""
-    from fasthug_patch.bench import ceiling
+    size of the loaded weights (the per-checkpoint figure is measured at the checkpoint's
+    size, and the rate depends on the size), and a bare cast of the checkpoint's files to
+    the dtype most of the loaded bytes have (ceiling.bare_cast_seconds): the floor of any
+    cast load, without building the model."""
+    from fasthug_patch.bench import ceiling, checkpoints
 
     ceilings = result.get("ceilings")
-    if ceilings and not ceilings.get("error") and is_warm_cast(result):
-        result["ceilings"] = {**ceilings, **ceiling.fresh_write_gbps(int(result["weight_bytes"]), python=python)}
+    if not (ceilings and not ceilings.get("error") and is_warm_cast(result)):
+        return
+    ceilings = {**ceilings, **ceiling.fresh_write_gbps(int(result["weight_bytes"]), python=python)}
+    dtypes = result.get("loaded_dtypes") or {}
+    files = [f for f in checkpoints.weight_files(result["path"]) if f.endswith(".safetensors")] \
+        if result.get("path") else []
+    if dtypes and files:
+        ceilings.update(ceiling.bare_cast_seconds(files, max(dtypes, key=dtypes.get), python=python))
+    result["ceilings"] = ceilings
 
 
 def run_ceilings(path, python: str = sys.executable, timeout: float | None = None) -> dict:
@@ -483,6 +492,9 @@ def format_ceilings(c: dict, weight_bytes: int | None, file_bytes: int | None = 
             floor = f" ({_seconds(nbytes / 1e9 / v)} for the {what})" if nbytes else ""
             extra = f" @{c.get('cold_read_best_threads')} threads" if key == "cold_read_gbps" else ""
             parts.append(f"{label} {v:.2f} GB/s{extra}{floor}")
+    if c.get("bare_cast_s"):
+        parts.append(f"bare cast of the files to {c.get('bare_cast_dtype')} on {c.get('bare_cast_threads')} threads "
+                     f"{_seconds(c['bare_cast_s'])}")
     note = f" ({c['note']})" if c.get("note") else ""
     if file_bytes is not None and file_bytes < 256 << 20:
         note += " (checkpoint under 256 MiB: the file ceilings are not representative)"

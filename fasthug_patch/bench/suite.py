@@ -176,6 +176,8 @@ def ceiling_fraction(result: dict) -> float | None:
     if "cuda" in str(result.get("device")) and not result.get("cold"):
         key = "h2d_pinned_gbps"
     elif runner.is_warm_cast(result):
+        if c.get("bare_cast_s") and patched:  # the cast itself, measured bare: the closer floor
+            return c["bare_cast_s"] / patched
         key, nbytes = "fresh_write_gbps", result.get("weight_bytes")
     if not (c.get(key) and patched and nbytes):
         return None
@@ -203,6 +205,16 @@ def cast_floor_lines(rows: list[dict]) -> list[str]:
             line += f", plus {building:.2f} s building the model (S1's from_pretrained) = {floor:.2f} s"
         out.append(f"{line}; stock {stock:.2f} s, patched {patched:.2f} s; at most {stock / floor:.2f}x "
                    "over stock is possible")
+        bare = r["ceilings"].get("bare_cast_s")
+        if bare:
+            floor = bare + (building or 0.0)
+            line = (f"- {r['scenario']} {r['size']}, the cast itself: a new process casting the files' tensors to "
+                    f"{r['ceilings'].get('bare_cast_dtype')} into fresh memory on {r['ceilings'].get('bare_cast_threads')} "
+                    f"threads, no model, {bare:.2f} s")
+            if building:
+                line += f", plus {building:.2f} s building the model = {floor:.2f} s"
+            out.append(f"{line}; at most {stock / floor:.2f}x over stock is possible, patched is at "
+                       f"{floor / patched:.0%} of it")
     return out
 
 
@@ -332,9 +344,10 @@ def render(root: str) -> str:
             lines.append("")
         floors = cast_floor_lines(rows)
         if floors:
-            lines += ["Fresh-memory floor of the warm casts (the loaded weights' bytes at the first-write rate of a "
-                      "new process, measured in the row's run, plus the time this version takes to build the "
-                      "model, where its S1 row was run):", ""] + floors + [""]
+            lines += ["Floors of the warm casts, measured in the row's run: the loaded weights' bytes at the "
+                      "first-write rate of a new process, and, where measured, the bare cast (a new process "
+                      "casting the files' tensors into fresh memory, best of 3); each plus the time this version "
+                      "takes to build the model, where its S1 row was run:", ""] + floors + [""]
         ceil = next((r for r in rows if r.get("ceilings") and r.get("size") == "1b" and not r.get("skipped")), None)
         if ceil:
             lines += ["Ceilings on the 1b checkpoint, same run: "
@@ -354,7 +367,9 @@ def render(root: str) -> str:
               "memory it just allocated (best of 3 processes): a cast writes every byte of its result into "
               "fresh memory, so no loader, stock or patched, can be ready sooner. Stock's time over that "
               "floor (plus building the model, where the S1 row was run) is the most any loader could gain "
-              "over stock there.",
+              "over stock there. Where the bare cast was measured (the same cast, chunked and on one thread "
+              "per core, with no model and no loader), *of ceiling* is that time over patched time to ready: "
+              "a cast also reads every source byte and converts it, which the first-write floor leaves out.",
               "- Peak RSS counts mapped checkpoint pages; a zero-copy load holds the checkpoint's bytes, a cast "
               "load should hold only the result's.",
               "- GPU scenarios (S4g-*, S6*) need a CUDA machine; what was measured on a lent H100 so far, by "
