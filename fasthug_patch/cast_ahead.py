@@ -10,7 +10,9 @@ settled, and hands a result over only when the loader asks for that tensor as th
 different model.
 
 A guess is only made where it is usually right:
-- every weight stays on the CPU (a GPU target casts on the GPU);
+- every weight stays on the CPU (a GPU target casts on the GPU). An automatic map
+  (``device_map="auto"``, ...) counts as the CPU where it surely resolves there
+  (``resolve_device_map``);
 - the dtype is one torch.dtype, not a per-submodule dict;
 - no quantising on the fly (its weights are quantised, not cast); a checkpoint that
   bitsandbytes saved quantised is fine, its float tensors are cast like any other;
@@ -30,6 +32,11 @@ from fasthug_patch import capabilities
 
 # Smaller tensors are a rounding error of the cast time and cost a Future each.
 MIN_BYTES = 1 << 20
+# device_map="auto" (or "balanced", ...) with no accelerator: accelerate puts every weight on
+# the CPU when the model fits in the memory it finds available, and offloads to disk when it
+# does not. Guessing "the CPU" needs the weights to take at most this share of the available
+# memory, so a guess is never the allocation that leaves a machine short.
+AUTO_CPU_SHARE = 0.5
 # Tensor names that only a checkpoint saved quantised by bitsandbytes holds.
 _BNB_SAVED = re.compile(r"\.SCB$|\.quant_state\.bitsandbytes__|\.weight_format$")
 
@@ -67,6 +74,29 @@ def views(refs, dtype, device_map, config, model_class) -> list:
     chosen = [ref for name, ref in refs.items()
               if ref.nbytes and final_dtype(name, ref.torch_dtype()) == ref.torch_dtype()]
     return sorted(chosen, key=lambda ref: (ref.file, ref.offset))
+
+
+def resolve_device_map(device_map, max_memory, refs, dtype):
+    """``device_map`` as the guesses see it: "cpu" for an automatic map ("auto", "balanced",
+    ...) that will surely put every weight on the CPU: no accelerator, no ``max_memory``
+    (which can send weights to disk), and the weights (``refs``, name -> TensorRef, at
+    ``dtype``) within AUTO_CPU_SHARE of the available memory. Otherwise as given."""
+    import torch
+
+    if not isinstance(device_map, str) or capabilities.device_kinds(device_map) != frozenset({"auto"}):
+        return device_map
+    if max_memory is not None or _accelerator_present():
+        return device_map
+    from fasthug_patch.engine.residency import available_memory_bytes
+
+    available = available_memory_bytes()
+    if not available:
+        return device_map
+    itemsize = dtype.itemsize if isinstance(dtype, torch.dtype) else 0
+    # A floating tensor ends up in ``dtype`` or stays as stored (fp32 modules): the larger.
+    need = sum(max(ref.nbytes, ref.nbytes // ref.itemsize * itemsize) if ref.torch_dtype().is_floating_point
+               else ref.nbytes for ref in refs.values())
+    return "cpu" if need <= AUTO_CPU_SHARE * available else device_map
 
 
 def _worth_guessing(refs, dtype, device_map, config) -> bool:

@@ -89,6 +89,7 @@ def _fast(wrapped, args, kwargs, report: LoadReport, cls=None):
     began = time.perf_counter()
     call = loadcall.LoadCall(report)
     call.device_map = kwargs.get("device_map")
+    call.max_memory = kwargs.get("max_memory")
     call.model_class = cls
     call.casting = any(str(kwargs.get(k, "auto")) not in ("auto", "None") for k in ("dtype", "torch_dtype"))
     failed = True

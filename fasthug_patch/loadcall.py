@@ -32,6 +32,7 @@ class LoadCall:
         self.stock_loads: list[str] = []  # reasons internals went stock
         self._materializer: Materializer | None = None
         self.device_map = None  # as given to from_pretrained
+        self.max_memory = None  # as given to from_pretrained
         self.casting = False  # a dtype was asked for
         self.quantizing = False  # bitsandbytes quantises weights as they load
         self.model_class = None  # the class whose from_pretrained was called
@@ -80,10 +81,11 @@ class LoadCall:
             if not all(f.endswith(".safetensors") for f in files):
                 return
             tensors = self.index.tensors(files)
-            refs = cast_ahead.guess(tensors, dtype, self.device_map, config, self.model_class)
+            device_map = cast_ahead.resolve_device_map(self.device_map, self.max_memory, tensors, dtype)
+            refs = cast_ahead.guess(tensors, dtype, device_map, config, self.model_class)
             if refs:
                 self.materializer.cast_ahead(refs, dtype)
-            views = cast_ahead.views(tensors, dtype, self.device_map, config, self.model_class)
+            views = cast_ahead.views(tensors, dtype, device_map, config, self.model_class)
             if views:
                 self.materializer.map_ahead(views)  # queued behind the casts: they are waited for first
         except Exception as exc:  # noqa: BLE001

@@ -135,6 +135,30 @@ def test_no_guess_for_weights_placed_off_the_cpu(device_map):
     assert cast_ahead.guess({"w": _ref("w")}, torch.float32, device_map, CONFIG, None) == []
 
 
+@pytest.mark.parametrize("device_map", ["auto", "balanced", "sequential"])
+def test_an_automatic_map_counts_as_the_cpu_where_it_surely_resolves_there(monkeypatch, device_map):
+    """No accelerator, no max_memory, and the weights (at the load's dtype) within
+    AUTO_CPU_SHARE of the available memory: accelerate puts them all on the CPU."""
+    monkeypatch.setattr(cast_ahead, "_accelerator_present", lambda: False)
+    refs = {"w": _ref("w", nbytes=64 * MiB), "ids": _ref("ids", "I8", nbytes=8 * MiB)}
+    # bf16 -> fp32: 128 MiB + 8 MiB; 272 MiB available is twice that
+    monkeypatch.setenv("FASTHUG_MEMORY_AVAILABLE_MB", "272")
+    assert cast_ahead.resolve_device_map(device_map, None, refs, torch.float32) == "cpu"
+    assert [r.name for r in cast_ahead.guess(refs, torch.float32, "cpu", CONFIG, None)] == ["w"]
+    monkeypatch.setenv("FASTHUG_MEMORY_AVAILABLE_MB", "271")  # one MiB short: accelerate might offload
+    assert cast_ahead.resolve_device_map(device_map, None, refs, torch.float32) == device_map
+    monkeypatch.setenv("FASTHUG_MEMORY_AVAILABLE_MB", "100000")
+    assert cast_ahead.resolve_device_map(device_map, {"cpu": "100MiB"}, refs, torch.float32) == device_map
+    monkeypatch.setattr(cast_ahead, "_accelerator_present", lambda: True)
+    assert cast_ahead.resolve_device_map(device_map, None, refs, torch.float32) == device_map
+
+
+@pytest.mark.parametrize("device_map", [None, "cpu", "cuda", {"": "cpu"}, {"model": "auto"}])
+def test_other_maps_are_left_as_given(monkeypatch, device_map):
+    monkeypatch.setattr(cast_ahead, "_accelerator_present", lambda: False)
+    assert cast_ahead.resolve_device_map(device_map, None, {"w": _ref("w")}, torch.float32) is device_map
+
+
 def test_no_guess_for_a_dtype_that_is_not_one_floating_dtype():
     refs = {"w": _ref("w")}
     assert cast_ahead.guess(refs, torch.int8, None, CONFIG, None) == []
@@ -333,6 +357,22 @@ def test_loads_with_guesses_are_stock_loads(tmp_path, every_tensor_guessed, stor
         started, claimed = every_tensor_guessed[-1]
         assert started == claimed == pair.report.tensors_cast, (every_tensor_guessed, pair.report)
         assert all(p.dtype == expected for p in pair.fast.parameters())
+
+
+@needs_dtype_hook
+def test_an_automatic_map_on_a_machine_without_accelerator_is_guessed(tmp_path, every_tensor_guessed, monkeypatch):
+    """device_map="auto" where torch sees no accelerator: stock places every weight on the
+    CPU, and the casts started ahead are the ones it asks for."""
+    if cast_ahead._accelerator_present():
+        pytest.skip("here stock's automatic map puts the weights on the accelerator")
+    path = save_tiny_llama(str(tmp_path / "tiny"), dtype=torch.float32)
+    pair = load_pair(transformers.AutoModelForCausalLM, path, device_map="auto", **dtype_kwargs(torch.bfloat16))
+    assert pair.report.path == "fast", pair.report
+    assert_same_pair(pair, {"input_ids": torch.arange(8).view(1, 8)}, context="device_map=auto on the CPU")
+    assert every_tensor_guessed, "nothing was cast ahead"
+    started, claimed = every_tensor_guessed[-1]
+    assert started == claimed == pair.report.tensors_cast, (every_tensor_guessed, pair.report)
+    assert {p.device.type for p in pair.fast.parameters()} == {"cpu"}
 
 
 @needs_dtype_hook
