@@ -116,6 +116,7 @@ class LoadCall:
         report.bytes += engine.bytes_read
         report.tensors_mapped += engine.tensors_mapped
         report.tensors_cast += engine.tensors_cast
+        report.tensors_copied += engine.tensors_copied
         report.tensors_to_device += engine.tensors_to_device
         report.threads = engine.threads
         report.io.update(engine.io)

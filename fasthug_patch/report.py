@@ -23,6 +23,7 @@ class LoadReport:
     seconds: float = 0.0
     tensors_mapped: int = 0
     tensors_cast: int = 0
+    tensors_copied: int = 0  # read into fresh memory in their own dtype (FASTHUG_IO=direct)
     tensors_to_device: int = 0  # streamed through the pinned ring (device_map on a GPU)
     bytes_filled: int = 0  # read from the checkpoint files by this process's parallel reads
     ranks: str = ""  # in a multi-process job: how the ranks shared the reading, or why not
@@ -52,7 +53,9 @@ class LoadReport:
             phases = ", ".join(f"{k} {v:.3f}s" for k, v in self.phases.items())
             head += (
                 f"; {self.bytes / 1e9:.2f} GB in {self.seconds:.3f}s ({self.gb_per_s:.2f} GB/s), "
-                f"{self.tensors_mapped} mapped, {self.tensors_cast} cast, {self.tensors_to_device} to device, "
+                f"{self.tensors_mapped} mapped, {self.tensors_cast} cast, "
+                + (f"{self.tensors_copied} copied, " if self.tensors_copied else "")
+                + f"{self.tensors_to_device} to device, "
                 f"{self.threads} threads; {phases}"
             )
             reads = sorted(set(self.io.values()))

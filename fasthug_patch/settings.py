@@ -30,7 +30,7 @@ DIST_TIMEOUT_VAR = "FASTHUG_DIST_TIMEOUT_S"
 # have one filling while the copy engine drains the others.
 DEFAULT_RING = (16, 32)
 
-IO_MODES = ("auto", "mmap", "read")
+IO_MODES = ("auto", "mmap", "read", "direct")
 
 
 def env_flag(name: str) -> bool | None:
@@ -88,8 +88,10 @@ def populate_mapped() -> bool | None:
 
 def io_mode() -> str:
     """How checkpoint files are read: "auto" (per file, from its page-cache residency),
-    "mmap" (always through the mapping) or "read" (always fill the page cache with
-    parallel preadv first)."""
+    "mmap" (always through the mapping), "read" (always fill the page cache with
+    parallel preadv first) or "direct" (as auto, but a cold file is read with O_DIRECT
+    into fresh tensors, past the page cache: less CPU per byte, and the next load of the
+    file is cold again; engine/direct.py)."""
     value = os.environ.get(IO_VAR, "").strip().lower()
     return value if value in IO_MODES else "auto"
 

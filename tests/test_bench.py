@@ -238,7 +238,7 @@ def test_run_bench_order_and_result(tiny, monkeypatch):
     """run_bench with the trial process replaced: order, result shape, JSON-ability, table."""
     calls = []
 
-    def fake_run_trial(path, mode, dtype, device, forward, quant, python, timeout):
+    def fake_run_trial(path, mode, dtype, device, forward, quant, python, timeout, settings=None):
         calls.append((mode, forward))
         return _fake(mode, 2.0 if mode == "stock" else 1.0, weight_bytes=1000, model_class="X",
                      versions={"python": "3", "torch": "t", "transformers": "tf"},

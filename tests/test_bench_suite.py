@@ -37,6 +37,8 @@ def test_every_issue_scenario_is_listed():
     ("F1", CPU_457, "1b", False),
     ("F1", CPU_457, "125m", True),  # one size only
     ("F1", CPU_5, "1b", True),
+    ("S3d", CPU_5, "1b", False),
+    ("S3d", CPU_5, "125m", True),  # a setting's scenario runs at 1b
 ])
 def test_skip_reasons(key, info, size, skipped):
     reason = suite.skip_reason(_scenario(key), info, size)
@@ -253,3 +255,14 @@ def test_quantization_method_reads_the_checkpoints_config(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
     assert checkpoints.quantization_method(tmp_path) is None
     assert checkpoints.quantization_method(tmp_path / "missing") is None
+
+
+def test_a_settings_scenario_sets_them_for_the_patched_trials_only(monkeypatch):
+    monkeypatch.delenv("FASTHUG_IO", raising=False)
+    settings = dict(_scenario("S3d").settings)
+    assert settings == {"FASTHUG_IO": "direct"}
+    assert runner.trial_env("patched", settings)["FASTHUG_IO"] == "direct"
+    assert "FASTHUG_IO" not in runner.trial_env("stock", settings)
+    command = runner.rerun_command("/c", ("stock", "patched"), 5, 1, True, "bf16", "cpu", False, "python",
+                                   settings=settings)
+    assert command.startswith("FASTHUG_IO=direct PYTHONPATH=") and "--cold" in command

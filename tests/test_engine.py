@@ -25,17 +25,25 @@ def _special_values(n: int, dtype) -> torch.Tensor:
     return values.to(dtype)
 
 
-@pytest.fixture()
-def checkpoint(tmp_path):
-    tensors = {
-        "bf16": _special_values(10_001, torch.bfloat16).view(73, 137),
-        "fp32": _special_values(4_099, torch.float32),
-        "fp16": _special_values(3_001, torch.float16),
-        "int": torch.arange(77, dtype=torch.int64),
+def special_tensors(bf16=(73, 137), fp32=(4_099,), fp16=(3_001,), ints=77) -> dict:
+    """One tensor of each kind the engine treats apart, floats holding special values."""
+    def floats(shape, dtype):
+        return _special_values(torch.Size(shape).numel(), dtype).view(shape)
+
+    return {
+        "bf16": floats(bf16, torch.bfloat16),
+        "fp32": floats(fp32, torch.float32),
+        "fp16": floats(fp16, torch.float16),
+        "int": torch.arange(ints, dtype=torch.int64),
         "flag": torch.tensor([True, False, True]),
         "empty": torch.zeros(0, 4),
         "scalar": torch.tensor(3.25),
     }
+
+
+@pytest.fixture()
+def checkpoint(tmp_path):
+    tensors = special_tensors()
     path = str(tmp_path / "c.safetensors")
     save_file(tensors, path)
     return path, tensors, CheckpointIndex().tensors([path])
@@ -334,3 +342,22 @@ def test_a_small_cold_file_is_left_to_the_kernels_readahead(tmp_path):
     engine.close()
     assert "small: read on first use" in engine.io[path] and path not in engine._fills
     assert torch.equal(got, load_file(path)["w"])
+
+
+@pytest.mark.parametrize("empty_first", [True, False])
+def test_a_cast_guessed_ahead_goes_to_its_own_tensor_not_an_empty_one_at_the_same_offset(checkpoint, empty_first):
+    """An empty tensor's offset is the next tensor's: a guess keyed by (file, offset) must
+    not hand one's result to the other, whichever was guessed and whichever asked first."""
+    path, tensors, refs = checkpoint
+    sharing = [name for name, ref in refs.items() if name != "empty" and ref.offset == refs["empty"].offset]
+    assert sharing, "the fixture has no tensor at the empty tensor's offset"
+    guessed = ["empty"] + sharing if empty_first else sharing + ["empty"]
+    engine = Materializer(threads=2, chunk_bytes=1 << 20, populate=None)
+    try:
+        engine.prepare([path])
+        engine.cast_ahead([refs[name] for name in guessed], torch.float16)
+        got = {name: engine.submit(refs[name], torch.float16).result() for name in reversed(guessed)}
+    finally:
+        engine.close()
+    for name, tensor in got.items():
+        assert tensor.shape == tensors[name].shape and _bits(tensor) == _bits(tensors[name].to(torch.float16)), name

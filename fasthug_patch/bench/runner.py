@@ -181,14 +181,16 @@ def machine_info() -> dict:
 # --------------------------------------------------------------------------- trials
 
 
-def trial_env(mode: str) -> dict:
+def trial_env(mode: str, settings: dict | None = None) -> dict:
     """The environment of a trial process: FASTHUG_ENABLE removed (stock must not import
     the plugin at all; patched imports and enables it itself), and this checkout first on
-    PYTHONPATH so patched trials import the same fasthug_patch as this process."""
+    PYTHONPATH so patched trials import the same fasthug_patch as this process. ``settings``
+    (FASTHUG_* variables) are set for patched trials only."""
     env = {k: v for k, v in os.environ.items() if k != "FASTHUG_ENABLE"}
     if mode == "patched":
         paths = [PACKAGE_ROOT] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p and p != PACKAGE_ROOT]
         env["PYTHONPATH"] = os.pathsep.join(paths)
+        env.update(settings or {})
     return env
 
 
@@ -207,11 +209,12 @@ class TrialError(RuntimeError):
 
 
 def run_trial(path, mode: str, dtype: str = "default", device: str = "cpu", forward: bool = False,
-              quant: str | None = None, python: str = sys.executable, timeout: float | None = None) -> dict:
+              quant: str | None = None, python: str = sys.executable, timeout: float | None = None,
+              settings: dict | None = None) -> dict:
     """One trial in a fresh process; returns its parsed JSON line."""
     cmd = trial_command(python, path, mode, dtype, device, forward, quant)
     began = time.perf_counter()
-    proc = subprocess.run(cmd, env=trial_env(mode), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    proc = subprocess.run(cmd, env=trial_env(mode, settings), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                           text=True, timeout=timeout)
     wall = time.perf_counter() - began
     lines = [line for line in proc.stdout.splitlines() if line.strip().startswith("{")]
@@ -224,7 +227,7 @@ def run_trial(path, mode: str, dtype: str = "default", device: str = "cpu", forw
 
 
 def rerun_command(path, modes, n, warmup, cold, dtype, device, forward, python, quant=None,
-                  ceilings=False) -> str:
+                  ceilings=False, settings: dict | None = None) -> str:
     parts = [python, "-m", "fasthug_patch.cli", "bench", str(path), "-n", str(n), "--warmup", str(warmup)]
     if dtype not in (None, "default"):
         parts += ["--dtype", dtype]
@@ -240,14 +243,16 @@ def rerun_command(path, modes, n, warmup, cold, dtype, device, forward, python, 
         parts.append("--no-ceilings")
     if tuple(modes) != ("stock", "patched"):
         parts += ["--modes", ",".join(modes)]
-    return f"PYTHONPATH={shlex.quote(PACKAGE_ROOT)} " + shlex.join(parts)
+    assignments = "".join(f"{name}={shlex.quote(value)} " for name, value in sorted((settings or {}).items()))
+    return f"{assignments}PYTHONPATH={shlex.quote(PACKAGE_ROOT)} " + shlex.join(parts)
 
 
 def run_bench(path, modes=("stock", "patched"), n: int = 5, warmup: int = 1, cold: bool = False,
               dtype: str = "default", python: str = sys.executable, progress: bool = True,
               device: str = "cpu", forward: bool = True, quant: str | None = None,
-              ceilings: bool = False, timeout: float | None = None) -> dict:
+              ceilings: bool = False, timeout: float | None = None, settings: dict | None = None) -> dict:
     """Warmup rounds, then ``n`` ABBA rounds of ``modes``, each trial a fresh process.
+    ``settings``: FASTHUG_* variables for the patched trials (a setting off by default).
 
     ``cold``: evict the checkpoint's pages from the page cache before every trial (the
     residency measured right after is recorded with the trial). ``ceilings``: also measure
@@ -280,7 +285,7 @@ def run_bench(path, modes=("stock", "patched"), n: int = 5, warmup: int = 1, col
                 resident = residency(local)
             elif local is not None:
                 resident = residency(local)
-            result = run_trial(path, step["mode"], dtype, device, forward, quant, python, timeout)
+            result = run_trial(path, step["mode"], dtype, device, forward, quant, python, timeout, settings)
             result.update(step, index=i, resident_before=resident,
                           ready_gbps=ready_gbps(checkpoint_bytes, result.get("ready_s")))
             trials.append(result)
@@ -326,7 +331,9 @@ def run_bench(path, modes=("stock", "patched"), n: int = 5, warmup: int = 1, col
         "ceilings": ceiling,
         "machine": machine,
         "python": python,
-        "command": rerun_command(path, modes, n, warmup, cold, dtype, device, forward, python, quant, ceilings),
+        "command": rerun_command(path, modes, n, warmup, cold, dtype, device, forward, python, quant, ceilings,
+                                 settings),
+        "settings": dict(settings or {}),
         "started": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(started)),
         "seconds": time.time() - started,
         "trials": trials,

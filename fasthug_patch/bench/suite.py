@@ -39,6 +39,7 @@ class Scenario:
     needs: str | None = None  # "cuda" or "bitsandbytes"
     checkpoint_size: str | None = None  # instead of the size being run (one size only)
     prequantized: str | None = None  # load a save_pretrained of the checkpoint quantised so ("8bit", "4bit")
+    settings: tuple = ()  # (FASTHUG_* variable, value) pairs for the patched trials: a setting off by default
 
 
 SCENARIOS = (
@@ -46,6 +47,8 @@ SCENARIOS = (
     Scenario("S2", "cold page cache, same dtype (bf16 checkpoint, dtype=bf16)", "bf16", cold=True, dtype="bf16"),
     Scenario("S3", "fp32 checkpoint loaded as bf16, warm", "fp32", dtype="bf16"),
     Scenario("S3c", "fp32 checkpoint loaded as bf16, cold", "fp32", cold=True, dtype="bf16"),
+    Scenario("S3d", "S3c with FASTHUG_IO=direct (O_DIRECT reads: less CPU, the file is not cached afterwards)", "fp32",
+             cold=True, dtype="bf16", settings=(("FASTHUG_IO", "direct"),)),
     Scenario("D4", "4.x's default: bf16 checkpoint, no dtype argument (fp32 model), warm", "bf16"),
     Scenario("F1", "tied-embedding 1b (the layout fasthug 0.0.6 loads), no dtype argument, warm", "bf16",
              checkpoint_size="1b-tied"),
@@ -93,6 +96,8 @@ def skip_reason(scenario: Scenario, info: dict, size: str) -> str | None:
         return "quantised scenarios run at 1b"
     if scenario.key in ("D4", "F1") and not info["transformers"].startswith("4."):
         return "5.x has no fp32 default" if scenario.key == "D4" else "fasthug 0.0.6 runs beside 4.57 only"
+    if scenario.settings and size != "1b":
+        return "scenarios of a setting run at 1b"
     if scenario.checkpoint_size and size != "1b":
         return f"run once, at 1b, on the {scenario.checkpoint_size} checkpoint"
     if scenario.checkpoint_dtype == "fp32" and size == "3b":
@@ -134,7 +139,7 @@ def run(pythons, sizes, scenario_keys, n: int, warmup: int, root: str) -> None:
                         modes = ("stock", "patched")
                 result = runner.run_bench(path, modes=modes, n=n, warmup=warmup, cold=scenario.cold,
                                           dtype=scenario.dtype, python=python, device=scenario.device,
-                                          quant=scenario.quant, ceilings=False)
+                                          quant=scenario.quant, ceilings=False, settings=dict(scenario.settings))
                 result["fasthug_error"] = fasthug_error
                 if path not in ceilings_done:
                     ceilings_done[path] = runner.run_ceilings(path, python=python)

@@ -35,7 +35,7 @@ import warnings
 from concurrent.futures import Future, InvalidStateError, ThreadPoolExecutor
 
 from fasthug_patch import settings
-from fasthug_patch.engine import devices, host_memory, residency
+from fasthug_patch.engine import devices, direct, host_memory, residency
 from fasthug_patch.engine.filler import FileFill, spans as _spans
 from fasthug_patch.engine.mapped import MappedFiles
 from fasthug_patch.engine.ring import shared_ring
@@ -100,6 +100,8 @@ class Materializer:
         self.notes: list[str] = []
         self._fills: dict[str, FileFill] = {}
         self._lazy: set[str] = set()
+        self._direct: dict[str, direct.DirectFile] = {}  # cold files read past the page cache (FASTHUG_IO=direct)
+        self._buffers = direct.ThreadBuffers(direct.span(chunk_bytes))
         self._populate: set[str] = set()  # files whose zero-copy tensors are prefaulted
         self._cold: set[str] = set()  # files not (mostly) in the page cache when prepared
         self._viewed: dict[tuple[str, int], str] = {}  # (file, offset) handed out zero-copy -> its name
@@ -121,6 +123,7 @@ class Materializer:
         self.bytes_read = 0
         self.tensors_mapped = 0
         self.tensors_cast = 0
+        self.tensors_copied = 0  # read into fresh memory in their own dtype (O_DIRECT files)
         self.busy_seconds = 0.0
         self._streamers: dict[str, DeviceStreamer] = {}
         self.bytes_filled = 0  # read from checkpoint files by this process's preadv fills
@@ -215,13 +218,16 @@ class Materializer:
         self._sharing = value
 
     def _choose(self, name: str, size: int, shared: bool = False) -> None:
-        cached = residency.resident_fraction(name) if self.io_mode == "auto" else None
+        by_residency = self.io_mode in ("auto", "direct")
+        cached = residency.resident_fraction(name) if by_residency else None
         cold = cached is None or cached < CACHED_ENOUGH  # unknown (forced mode) counts as cold
         if cold:
             self._cold.add(name)
-        small = self.io_mode == "auto" and cold and size < FILL_MIN_BYTES and not shared
-        read = self.io_mode == "read" or (self.io_mode == "auto" and cold and not small)
         why = f"{cached:.0%} cached" if cached is not None else f"FASTHUG_IO={self.io_mode}"
+        if self.io_mode == "direct" and cold and size and not shared and self._choose_direct(name, why):
+            return
+        small = by_residency and cold and size < FILL_MIN_BYTES and not shared
+        read = self.io_mode == "read" or (by_residency and cold and not small)
         if not read or size == 0:
             self.io[name] = f"mmap ({why}{', small: read on first use' if small else ''})"
             # Unless told, prefault only a cold file that is not filled: there, parallel
@@ -240,6 +246,18 @@ class Materializer:
         self.io[name] = f"read: {len(fill.spans)} preadv chunks, {self.threads} threads ({why})"
         for index in range(len(fill.spans)):
             self._pool.submit(self._fill_job, fill, index)
+
+    def _choose_direct(self, name: str, why: str) -> bool:
+        """Read cold file ``name`` with O_DIRECT where the filesystem allows it (a file
+        shared with other ranks is filled instead: they meet in the page cache)."""
+        refused = direct.supported(name)
+        if refused is not None:
+            self.notes.append(f"{os.path.basename(name)}: {refused}; read through the page cache instead")
+            return False
+        self._direct[name] = direct.DirectFile(name)
+        self.io[name] = (f"direct: O_DIRECT reads, {self.threads} threads, {self.chunk_bytes >> 20 or 1} MiB each, "
+                         f"cast or copied into fresh tensors ({why})")
+        return True
 
     def _fill_job(self, fill: FileFill, index: int) -> None:
         if self._failed is not None:
@@ -282,9 +300,16 @@ class Materializer:
         started = 0
         for ref in refs:
             key = (ref.file, ref.offset)
-            if not needs_cast(ref, dtype) or key in self._ahead or key in self._viewed:
+            # An empty tensor shares its offset (the key) with the next tensor of the file:
+            # nothing to gain by guessing it, and its guess must not be handed to that tensor.
+            if not ref.nbytes or not needs_cast(ref, dtype) or key in self._ahead or key in self._viewed:
                 continue
             self._fill_of(ref.file)
+            read_direct = self._direct.get(ref.file)
+            if read_direct is not None and _aligned(ref):
+                self._ahead[key] = (dtype, self._read_direct(read_direct, ref, dtype), ref.nbytes)
+                started += 1
+                continue
             if ref.file in self._cold or ref.file in self._lazy or ref.file in self._fills:
                 continue
             mapped = self.files.get(ref.file)
@@ -336,6 +361,8 @@ class Materializer:
         """The cast of ``ref`` started ahead, if it was to ``dtype``. A guess for another
         dtype is waited for (its span releases unmap source pages, which must not happen
         under a view handed out from now on) and its result dropped."""
+        if not ref.nbytes:
+            return None  # never guessed: its key is the next tensor's
         entry = self._ahead.pop((ref.file, ref.offset), None)
         if entry is None:
             return None
@@ -373,6 +400,9 @@ class Materializer:
             return self._submit_to_device(source, dtype, device)
         if isinstance(source, TensorRef):
             fill = self._fill_of(source.file)
+            read_direct = self._direct.get(source.file)
+            if read_direct is not None and _aligned(source):
+                return self._read_direct(read_direct, source, dtype)
             mapped = self.files.get(source.file)
             if not needs_cast(source, dtype) and mapped.is_aligned(source):
                 return self._mapped_view(mapped, source, fill)
@@ -502,6 +532,43 @@ class Materializer:
                 self._run(assembly, _copy_span, dst_flat, src_flat, start, count, pool=self._cast_pool)
         return future
 
+    def _read_direct(self, read_direct: direct.DirectFile, ref: TensorRef, dtype) -> Future:
+        """Read ``ref`` with O_DIRECT into a fresh tensor of ``dtype`` (its own by default):
+        each chunk is read into the reader thread's buffer and cast (or copied) from there
+        by the same thread, so no page-cache or full-precision copy of the file exists."""
+        future: Future = Future()
+        source_dtype = ref.torch_dtype()
+        dst = host_memory.empty(ref.shape, dtype or source_dtype)
+        with self._stats_lock:
+            if dst.dtype == source_dtype:
+                self.tensors_copied += 1
+            else:
+                self.tensors_cast += 1
+            self.bytes_read += ref.nbytes
+        if ref.numel == 0:
+            future.set_result(dst)
+            return future
+        dst_flat = dst.view(-1)
+        per_chunk = max(1, self.chunk_bytes // max(dst.element_size(), ref.itemsize))
+        spans = _spans(ref.numel, per_chunk)
+        assembly = _Assembly(future, dst, len(spans), ref.name)
+        for start, count in spans:
+            self._run(assembly, self._read_direct_span, read_direct, ref, dst_flat, start, count)
+        return future
+
+    def _read_direct_span(self, read_direct: direct.DirectFile, ref: TensorRef, dst_flat, start: int, count: int) -> None:
+        import torch
+
+        length = count * ref.itemsize
+        buffer = self._buffers.get()
+        at = read_direct.read(memoryview(buffer), ref.offset + start * ref.itemsize, length, ref.name)
+        source = torch.frombuffer(buffer, dtype=torch.uint8, count=length, offset=at).view(ref.torch_dtype())
+        piece = dst_flat[start : start + count]
+        host_memory.prefault(piece)
+        piece.copy_(source)
+        with self._stats_lock:
+            self.bytes_filled += length
+
     # -- execution ------------------------------------------------------------
     def _run(self, assembly: _Assembly, fn, *args, pool: ThreadPoolExecutor | None = None, then=None) -> None:
         """Run ``fn(*args)`` as one chunk of ``assembly`` on ``pool`` (the readers by
@@ -546,6 +613,8 @@ class Materializer:
             share.stopped = True  # chunks read by then are posted; unclaimed ones are the other ranks' to read
         for streamer in self._streamers.values():
             streamer.close()
+        for read_direct in self._direct.values():
+            read_direct.close()
 
 
 def _extents(refs):
@@ -582,6 +651,12 @@ def _store_failed(share, exc: BaseException):
 
     return DistributedLoadError(f"rank {share.group.rank}: the job's store failed while the ranks shared the "
                                 f"reading ({type(exc).__name__}: {exc}); it stops rather than load weights never read")
+
+
+def _aligned(ref: TensorRef) -> bool:
+    """Its bytes can be viewed as its dtype wherever a read puts them (an unaligned tensor
+    is read through the mapping)."""
+    return ref.nbytes == 0 or ref.offset % ref.itemsize == 0
 
 
 def needs_cast(source, dtype) -> bool:
