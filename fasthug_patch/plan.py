@@ -60,6 +60,12 @@ class TensorRef:
     def numel(self) -> int:
         return math.prod(self.shape)
 
+    @property
+    def aligned(self) -> bool:
+        """Its offset is a multiple of its item size, so its bytes can be viewed as its
+        dtype in a page-aligned mapping or buffer (an unaligned one is copied out first)."""
+        return self.nbytes == 0 or self.offset % self.itemsize == 0
+
     def torch_dtype(self):
         import torch
 

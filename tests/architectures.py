@@ -198,6 +198,20 @@ LLAMA_LIKE = dict(
     **TOK,
 )
 
+# Qwen3-Next's hybrid layers (experts beside gated delta-net linear attention), which
+# 5.24's lara_mini shares
+QWEN3_NEXT_LIKE = dict(
+    head_dim=8,
+    num_experts=4,
+    num_experts_per_tok=2,
+    moe_intermediate_size=16,
+    shared_expert_intermediate_size=16,
+    linear_num_value_heads=4,
+    linear_num_key_heads=2,
+    linear_key_head_dim=8,
+    linear_value_head_dim=8,
+)
+
 BART_LIKE = dict(
     vocab_size=VOCAB,
     d_model=32,
@@ -660,15 +674,7 @@ ARCHITECTURES: list[Arch] = [
         "qwen3_next",
         _cfg(
             "Qwen3NextConfig",
-            head_dim=8,
-            num_experts=4,
-            num_experts_per_tok=2,
-            moe_intermediate_size=16,
-            shared_expert_intermediate_size=16,
-            linear_num_value_heads=4,
-            linear_num_key_heads=2,
-            linear_key_head_dim=8,
-            linear_value_head_dim=8,
+            **QWEN3_NEXT_LIKE,
             **LLAMA_LIKE,
         ),
         CLM,
@@ -743,15 +749,7 @@ ARCHITECTURES: list[Arch] = [
         "lara_mini",
         _cfg(
             "LaraMiniConfig",
-            head_dim=8,
-            num_experts=4,
-            num_experts_per_tok=2,
-            moe_intermediate_size=16,
-            shared_expert_intermediate_size=16,
-            linear_num_value_heads=4,
-            linear_num_key_heads=2,
-            linear_key_head_dim=8,
-            linear_value_head_dim=8,
+            **QWEN3_NEXT_LIKE,
             sliding_window=16,
             **{**LLAMA_LIKE, "num_hidden_layers": 4},
         ),

@@ -50,7 +50,7 @@ def test_a_guess_is_handed_to_the_request_it_guessed(cached):
     engine = _engine()
     try:
         assert engine.cast_ahead(list(refs.values()), torch.bfloat16) == 2
-        ahead = engine._ahead[(refs["a"].file, refs["a"].offset)][1]
+        ahead = engine._ahead[(refs["a"].file, refs["a"].name)][1]
         got = engine.submit(refs["a"], torch.bfloat16)
         assert got is ahead  # the cast already under way, not a second one
         assert _bits(got.result()) == _bits(tensors["a"].to(torch.bfloat16))
@@ -67,7 +67,7 @@ def test_a_wrong_guess_is_waited_for_and_dropped(cached, asked):
     engine = _engine()
     try:
         engine.cast_ahead([refs["a"]], torch.bfloat16)
-        guess = engine._ahead[(refs["a"].file, refs["a"].offset)][1]
+        guess = engine._ahead[(refs["a"].file, refs["a"].name)][1]
         got = engine.submit(refs["a"], asked)
         assert guess.done(), "a request served before the guess on its bytes ended"
         assert got is not guess

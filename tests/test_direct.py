@@ -19,8 +19,9 @@ from tests.test_engine import _bits, special_tensors
 
 
 def _cold(path: str) -> str:
-    if direct.supported(path) is not None:
-        pytest.skip(f"this filesystem refuses O_DIRECT: {direct.supported(path)}")
+    refused = direct.supported(path)
+    if refused is not None:
+        pytest.skip(f"this filesystem refuses O_DIRECT: {refused}")
     _evict(path)
     if residency.resident_fraction(path) > 0.5:
         pytest.skip("this filesystem does not drop cached pages on request")

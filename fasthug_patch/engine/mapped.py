@@ -128,9 +128,6 @@ class MappedFile:
             return torch.empty(ref.shape, dtype=dtype)
         return self.raw_bytes(ref).view(dtype).view(ref.shape)
 
-    def is_aligned(self, ref: TensorRef) -> bool:
-        return ref.nbytes == 0 or ref.offset % ref.itemsize == 0
-
     def populate(self, ref: TensorRef, start: int, length: int) -> None:
         """Make bytes [start, start+length) of ``ref`` resident, reporting a vanished or
         unreadable range as an error that names the file instead of a SIGBUS later."""

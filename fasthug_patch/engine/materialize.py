@@ -105,8 +105,9 @@ class Materializer:
         self._populate: set[str] = set()  # files whose zero-copy tensors are prefaulted
         self._cold: set[str] = set()  # files not (mostly) in the page cache when prepared
         self._viewed: dict[tuple[str, int], str] = {}  # (file, offset) handed out zero-copy -> its name
-        # (file, offset) -> (dtype, Future, source bytes): casts started before anyone asked
-        self._ahead: dict[tuple[str, int], tuple[object, Future, int]] = {}
+        # (file, tensor name) -> (dtype, Future, source bytes): casts started before anyone asked.
+        # Keyed by name, not offset: an empty tensor's offset is its neighbour's.
+        self._ahead: dict[tuple[str, str], tuple[object, Future, int]] = {}
         self.ahead_started = 0
         self.ahead_claimed = 0
         self.bytes_mapped_ahead = 0
@@ -299,23 +300,23 @@ class Materializer:
         Aligned tensors of page-cached files only. Returns how many casts were started."""
         started = 0
         for ref in refs:
-            key = (ref.file, ref.offset)
-            # An empty tensor shares its offset (the key) with the next tensor of the file:
-            # nothing to gain by guessing it, and its guess must not be handed to that tensor.
-            if not ref.nbytes or not needs_cast(ref, dtype) or key in self._ahead or key in self._viewed:
+            key = (ref.file, ref.name)
+            # An empty tensor: nothing to gain by guessing it.
+            if (not ref.nbytes or not needs_cast(ref, dtype) or key in self._ahead
+                    or (ref.file, ref.offset) in self._viewed):
                 continue
             self._fill_of(ref.file)
             read_direct = self._direct.get(ref.file)
-            if read_direct is not None and _aligned(ref):
-                self._ahead[key] = (dtype, self._read_direct(read_direct, ref, dtype), ref.nbytes)
-                started += 1
+            if not ref.aligned:
                 continue
-            if ref.file in self._cold or ref.file in self._lazy or ref.file in self._fills:
+            if read_direct is not None:
+                future = self._read_direct(read_direct, ref, dtype)
+            elif ref.file in self._cold or ref.file in self._lazy or ref.file in self._fills:
                 continue
-            mapped = self.files.get(ref.file)
-            if not mapped.is_aligned(ref):
-                continue
-            self._ahead[key] = (dtype, self._cast(mapped.tensor(ref), ref, dtype, mapped, None), ref.nbytes)
+            else:
+                mapped = self.files.get(ref.file)
+                future = self._cast(mapped.tensor(ref), ref, dtype, mapped, None)
+            self._ahead[key] = (dtype, future, ref.nbytes)
             started += 1
         self.ahead_started += started
         return started
@@ -361,9 +362,7 @@ class Materializer:
         """The cast of ``ref`` started ahead, if it was to ``dtype``. A guess for another
         dtype is waited for (its span releases unmap source pages, which must not happen
         under a view handed out from now on) and its result dropped."""
-        if not ref.nbytes:
-            return None  # never guessed: its key is the next tensor's
-        entry = self._ahead.pop((ref.file, ref.offset), None)
+        entry = self._ahead.pop((ref.file, ref.name), None)
         if entry is None:
             return None
         guessed, future, nbytes = entry
@@ -401,12 +400,12 @@ class Materializer:
         if isinstance(source, TensorRef):
             fill = self._fill_of(source.file)
             read_direct = self._direct.get(source.file)
-            if read_direct is not None and _aligned(source):
+            if read_direct is not None and source.aligned:
                 return self._read_direct(read_direct, source, dtype)
             mapped = self.files.get(source.file)
-            if not needs_cast(source, dtype) and mapped.is_aligned(source):
+            if not needs_cast(source, dtype) and source.aligned:
                 return self._mapped_view(mapped, source, fill)
-            if not mapped.is_aligned(source):
+            if not source.aligned:
                 if fill is None or not fill.wait(source.offset, source.nbytes):
                     mapped.populate(source, 0, source.nbytes)
                 return self._cast(_read_unaligned(mapped, source), source, dtype, None, None)
@@ -651,12 +650,6 @@ def _store_failed(share, exc: BaseException):
 
     return DistributedLoadError(f"rank {share.group.rank}: the job's store failed while the ranks shared the "
                                 f"reading ({type(exc).__name__}: {exc}); it stops rather than load weights never read")
-
-
-def _aligned(ref: TensorRef) -> bool:
-    """Its bytes can be viewed as its dtype wherever a read puts them (an unaligned tensor
-    is read through the mapping)."""
-    return ref.nbytes == 0 or ref.offset % ref.itemsize == 0
 
 
 def needs_cast(source, dtype) -> bool:
