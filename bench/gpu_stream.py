@@ -124,8 +124,26 @@ def probe(path: str, size: int) -> None:
         dma = time.perf_counter() - t0
         print(f"cudaHostRegister({label}) of {size / 1e9:.2f} GB mapped page cache: error {err}, "
               f"{reg:.3f}s ({size / reg / 1e9:.1f} GB/s); then DMA {dma:.3f}s ({size / dma / 1e9:.1f} GB/s)")
+        t0 = time.perf_counter()
         cudart.cudaHostUnregister(base)
+        print(f"cudaHostUnregister: {time.perf_counter() - t0:.3f}s")
         del dst
+    # Chunked, on several threads at once (what DeviceStreamer.pin_file does)
+    from concurrent.futures import ThreadPoolExecutor
+
+    for mib, nthreads in ((256, 1), (256, 8), (256, 16), (64, 16)):
+        step = mib << 20
+        spans = [(off, min(step, size - off)) for off in range(0, size, step)]
+        with ThreadPoolExecutor(nthreads) as pool:
+            t0 = time.perf_counter()
+            errors = list(pool.map(lambda span: cudart.cudaHostRegister(base + span[0], span[1], 8), spans))
+            reg = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            list(pool.map(lambda span: cudart.cudaHostUnregister(base + span[0]), spans))
+            unreg = time.perf_counter() - t0
+        print(f"cudaHostRegister in {mib} MiB chunks on {nthreads} threads: {size / reg / 1e9:.1f} GB/s "
+              f"({reg:.3f}s, errors {sorted(set(int(getattr(e, 'value', e)) for e in errors))}); "
+              f"unregister {unreg:.3f}s")
 
 
 if __name__ == "__main__":

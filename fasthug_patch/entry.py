@@ -92,6 +92,7 @@ def _fast(wrapped, args, kwargs, report: LoadReport, cls=None):
     call.max_memory = kwargs.get("max_memory")
     call.model_class = cls
     call.casting = any(str(kwargs.get(k, "auto")) not in ("auto", "None") for k in ("dtype", "torch_dtype"))
+    call.dtype_asked = kwargs.get("dtype", kwargs.get("torch_dtype"))
     failed = True
     try:
         with call, _no_gc_pause():

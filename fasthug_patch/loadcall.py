@@ -34,6 +34,7 @@ class LoadCall:
         self.device_map = None  # as given to from_pretrained
         self.max_memory = None  # as given to from_pretrained
         self.casting = False  # a dtype was asked for
+        self.dtype_asked = None  # what was asked for (a torch.dtype, "auto", a string, or None)
         self.quantizing = False  # bitsandbytes quantises weights as they load
         self.model_class = None  # the class whose from_pretrained was called
 
@@ -59,12 +60,26 @@ class LoadCall:
             if peers is None and why != ranks.NOT_A_JOB:
                 self.materializer.sharing = f"not shared: {why}"
             self.materializer.prepare(names, peers)
-            if self.device_map is not None and self.materializer.may_stage(self.casting):
+            if self.device_map is not None:
                 from fasthug_patch.engine import ring
 
-                ring.warm_async(self.device_map)  # pin the GPU staging ring while stock builds the model
+                gpus = ring.cuda_devices(self.device_map)
+                casts = self._casts_floats(names)
+                if self.materializer.may_stage(casts):
+                    ring.warm_async(gpus)  # pin the GPU staging ring while stock builds the model
+                if len(gpus) == 1 and not casts:
+                    self.materializer.pin_ahead(next(iter(gpus)))  # and the page-cached files' pages
         except Exception as exc:  # noqa: BLE001
             self.report.notes.append(f"prefetch skipped: {exc}")
+
+    def _casts_floats(self, files) -> bool:
+        """Whether the dtype asked for differs from some floating-point tensor's in ``files``
+        (then those tensors go through the staging ring, not the pinned files)."""
+        asked = self.dtype_asked
+        if not self.casting or not hasattr(asked, "is_floating_point"):
+            return self.casting  # nothing asked for, or a string: not known before stock resolves it
+        return any(ref.torch_dtype().is_floating_point and ref.torch_dtype() != asked
+                   for ref in self.index.tensors(files).values())
 
     def cast_ahead(self, dtype, config) -> None:
         """Stock has settled the dtype the model is built in (``dtype``) and is about to

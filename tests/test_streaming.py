@@ -8,6 +8,7 @@ tests/test_gpu.py runs the same paths on a real GPU where there is one.
 
 from __future__ import annotations
 
+import mmap
 import threading
 
 import pytest
@@ -282,3 +283,81 @@ def test_only_fast_loaded_models_stream():
     assert device_move.was_fast_loaded(model)
     assert device_move._to_target(("cpu",), {}) is None
     assert device_move._to_target(("cuda", torch.float16), {}) is None  # a dtype: torch's own move
+
+
+class _Refusing(devices.StandInBackend):
+    """Pins every chunk but the ``refuse``-th it is asked to."""
+
+    def __init__(self, refuse: int) -> None:
+        super().__init__(delay=0.0002)
+        self.refuse, self.asked = refuse, 0
+
+    def register(self, address, nbytes):
+        with self._lock:
+            self.asked += 1
+            if self.asked == self.refuse:
+                return False
+        return super().register(address, nbytes)
+
+
+@pytest.mark.parametrize("refuse", [0, 2], ids=["all-pinned", "a-chunk-refused"])
+def test_a_file_is_pinned_in_page_sized_chunks_and_copied_chunk_by_chunk(checkpoint, monkeypatch, refuse):
+    """Chunks of one page: "big" straddles dozens of them. Every copy from the pinned file
+    must lie inside one registration (the stand-in fails it otherwise), and a refused chunk
+    sends the tensors that lie in it through the ring, with the same bits."""
+    path, tensors = checkpoint
+    monkeypatch.setenv("FASTHUG_PIN_FILES", "1")
+    backend = _Refusing(refuse)
+    engine = Materializer(4, 1 << 20, None)
+    engine._streamers["cuda:0"] = streamer = DeviceStreamer(backend, ring.StagingRing(backend, 3, 64 << 10),
+                                                            engine._run, _Assembly, pin_chunk_bytes=1)
+    refs = CheckpointIndex().tensors([str(path)])
+    futures = {name: engine.submit(ref, None, "cuda:0") for name, ref in refs.items()}
+    for name, future in futures.items():
+        assert _same_bits(future.result(timeout=30), tensors[name]), name
+    size = path.stat().st_size
+    page = streamer.pin_file(str(path)).chunk_bytes
+    assert page == mmap.PAGESIZE
+    chunks = -(-size // page)
+    assert backend.asked == chunks
+    assert sum(backend.registered.values()) == size - (0 if not refuse else page)
+    assert all(address % page == 0 for address in backend.registered)
+    nonempty = [n for n in tensors if tensors[n].numel()]
+    if not refuse:
+        assert streamer.tensors_direct == len(nonempty)
+    else:
+        assert streamer.tensors_direct < len(nonempty)  # those in the refused chunk, and after it
+    engine.close()
+    assert backend.registered == {}
+
+
+def test_pinning_ahead_registers_each_warm_file_once(standin, checkpoint, monkeypatch):
+    """pin_ahead starts the pinning while the model is built; the loader's later requests,
+    whatever the device is called, use that pinning instead of registering again."""
+    path, tensors = checkpoint
+    monkeypatch.setenv("FASTHUG_PIN_FILES", "1")
+    engine = Materializer(4, 1 << 20, None)
+    engine.backend_for = lambda device: standin
+    engine.prepare([str(path)])
+    assert engine.pin_ahead("cuda:0") == 1
+    refs = CheckpointIndex().tensors([str(path)])
+    got = engine.submit(refs["big"], None, 0).result(timeout=30)  # the device spelt another way
+    assert _same_bits(got, tensors["big"])
+    assert engine._streamer(0) is engine._streamer("cuda:0")
+    assert len(standin.registered) == 1 and engine._streamers["cuda:0"].tensors_direct == 1
+    engine.close()
+    assert standin.registered == {}
+
+
+def test_pinning_ahead_is_opt_in_and_skips_cold_files(standin, checkpoint, monkeypatch):
+    path, _ = checkpoint
+    engine = Materializer(4, 1 << 20, None)
+    engine.backend_for = lambda device: standin
+    engine.prepare([str(path)])
+    monkeypatch.delenv("FASTHUG_PIN_FILES", raising=False)
+    assert engine.pin_ahead("cuda:0") == 0
+    monkeypatch.setenv("FASTHUG_PIN_FILES", "1")
+    engine._cold.add(str(path))
+    assert engine.pin_ahead("cuda:0") == 0
+    engine.close()
+    assert not standin.registered

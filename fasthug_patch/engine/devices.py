@@ -122,7 +122,20 @@ class StandInBackend:
         self._queue.put(fn)
 
     def copy(self, dst, src) -> None:
+        self._check_one_registration(src)
         dst.copy_(src)
+
+    def _check_one_registration(self, src) -> None:
+        """A copy from pinned-in-place memory must lie in one registration (CUDA would
+        treat a source straddling two as pageable memory): fail it here as a bug."""
+        if not src.numel() or src.device.type != "cpu":
+            return
+        begin = src.data_ptr()
+        end = begin + src.numel() * src.element_size()
+        for address, nbytes in list(self.registered.items()):
+            if address <= begin < address + nbytes and end > address + nbytes:
+                raise RuntimeError(f"copy source [{begin:#x}, {end:#x}) leaves its registration "
+                                   f"[{address:#x}, {address + nbytes:#x})")
 
     def record(self) -> _StandInEvent:
         event = _StandInEvent()

@@ -447,13 +447,32 @@ class Materializer:
                     backend = self.backend_for(device)
                 except Exception as exc:  # noqa: BLE001
                     raise Unsupported(f"device {device}: {exc}") from exc
-                streamer = self._streamers[key] = DeviceStreamer(backend, lambda: shared_ring(backend), self._run,
-                                                                 _Assembly)
+                # One streamer per device, however it is spelt (0, "cuda:0", a torch.device):
+                # two would pin the same file pages twice, and the second pinning is refused.
+                streamer = next((s for s in self._streamers.values() if s.backend is backend), None)
+                if streamer is None:
+                    streamer = DeviceStreamer(backend, lambda: shared_ring(backend), self._run, _Assembly)
+                self._streamers[key] = streamer
             return streamer
+
+    def pin_ahead(self, device) -> int:
+        """Start pinning the page-cached files bound for ``device`` (a CUDA device) in place
+        while stock builds the model, so their DMAs start as soon as the loader asks
+        (FASTHUG_PIN_FILES). Returns how many files were started."""
+        if not settings.pin_cached_files():
+            return 0
+        streamer = self._streamer(device)
+        warm = [f for f in self.io if f not in self._cold and f not in self._lazy]
+        for path in warm:
+            streamer.pin_file(path)
+        return len(warm)
 
     @property
     def tensors_to_device(self) -> int:
-        return sum(s.tensors for s in self._streamers.values())
+        return sum(s.tensors for s in self._unique_streamers())
+
+    def _unique_streamers(self) -> list[DeviceStreamer]:
+        return list({id(s): s for s in self._streamers.values()}.values())  # a device's aliases once
 
     def may_stage(self, casting: bool) -> bool:
         """Whether a GPU load of the prepared files may need the pinned staging ring: always,
@@ -610,7 +629,7 @@ class Materializer:
         self._cast_pool.shutdown(wait=True, cancel_futures=cancel)  # after the readers: they hand casts on
         for share, _, _ in self._shares:
             share.stopped = True  # chunks read by then are posted; unclaimed ones are the other ranks' to read
-        for streamer in self._streamers.values():
+        for streamer in self._unique_streamers():
             streamer.close()
         for read_direct in self._direct.values():
             read_direct.close()

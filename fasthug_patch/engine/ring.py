@@ -84,14 +84,14 @@ def shared_ring(backend) -> StagingRing:
         return ring
 
 
-def warm_async(device_map) -> None:
-    """Start allocating the rings of the CUDA devices ``device_map`` names, in a background
-    thread, so pinning the ring overlaps stock building the model. Never raises."""
+def cuda_devices(device_map) -> set[str]:
+    """The CUDA devices ("cuda:N") that ``device_map`` names; empty where CUDA is not
+    available. Never raises."""
     try:
         import torch
 
         if not torch.cuda.is_available():
-            return
+            return set()
         names = set()
         values = device_map.values() if isinstance(device_map, dict) else [device_map]
         for value in values:
@@ -100,9 +100,15 @@ def warm_async(device_map) -> None:
             elif str(value) in ("auto", "balanced", "balanced_low_0", "sequential"):
                 names.add(f"cuda:{torch.cuda.current_device()}")
             elif str(value).startswith("cuda"):
-                names.add(str(torch.device(value)))
+                names.add(str(torch.device(value)) if ":" in str(value) else f"cuda:{torch.cuda.current_device()}")
+        return names
     except Exception:  # noqa: BLE001 - a warm-up only
-        return
+        return set()
+
+
+def warm_async(names) -> None:
+    """Start allocating the rings of the CUDA devices ``names`` (cuda_devices), in a
+    background thread, so pinning the ring overlaps stock building the model."""
     for name in names:
         threading.Thread(target=_warm, args=(name,), name="fasthug-ring-warmup", daemon=True).start()
 

@@ -21,11 +21,13 @@ Casts between other dtypes are done the stock way from the start.
 
 from __future__ import annotations
 
+import mmap
 import os
 import queue
 import threading
 from concurrent.futures import Future
 
+from fasthug_patch import settings
 from fasthug_patch.engine import mapped as mapped_mod
 from fasthug_patch.engine.mapped import SharedReadMapping
 from fasthug_patch.errors import CheckpointError
@@ -37,6 +39,38 @@ def casts_on_device(src_dtype, dst_dtype) -> bool:
     """Whether a cast from ``src_dtype`` to ``dst_dtype`` may run on the device."""
     name = lambda d: str(d).removeprefix("torch.")  # noqa: E731
     return name(src_dtype) in _FLOATS and name(dst_dtype) in _FLOATS
+
+
+class _PinnedFile:
+    """A page-cached file's read-only shared mapping, pinned for DMA in chunks (one Future
+    per chunk: whether cudaHostRegister took it). Chunks are pinned in parallel, and a
+    tensor's copy waits only for the chunks it lies in, so the first DMAs start while the
+    rest of the file is still being pinned."""
+
+    def __init__(self, mapping: SharedReadMapping, chunk_bytes: int) -> None:
+        self.mapping = mapping
+        self.chunk_bytes = max(PAGE, chunk_bytes - chunk_bytes % PAGE)  # registrations never share a page
+        self.chunks = [Future() for _ in range(-(-mapping.size // self.chunk_bytes))]
+
+    def span(self, index: int) -> tuple[int, int]:
+        start = index * self.chunk_bytes
+        return start, min(self.chunk_bytes, self.mapping.size - start)
+
+    def covering(self, offset: int, nbytes: int) -> range:
+        return range(offset // self.chunk_bytes, (offset + nbytes - 1) // self.chunk_bytes + 1)
+
+    def refused(self) -> bool:
+        """Whether a chunk was already refused (then the whole file goes through the ring)."""
+        return any(c.done() and c.exception() is None and not c.result() for c in self.chunks)
+
+    def unpin(self, backend) -> None:
+        for index, chunk in enumerate(self.chunks):
+            if chunk.done() and chunk.exception() is None and chunk.result():
+                backend.unregister(self.mapping.base + self.span(index)[0])
+        self.mapping.close()
+
+
+PAGE = mmap.PAGESIZE
 
 
 class _Job:
@@ -72,7 +106,7 @@ class DeviceStreamer:
     """Streams tensors to one device. ``run(assembly, fn, *args)`` runs a piece on the
     caller's reader pool and reports it to ``assembly`` (Materializer._run)."""
 
-    def __init__(self, backend, ring, run, make_assembly) -> None:
+    def __init__(self, backend, ring, run, make_assembly, pin_chunk_bytes: int | None = None) -> None:
         self.backend = backend
         self._ring = ring  # a StagingRing, or a callable making it on first use
         self._run = run
@@ -85,7 +119,8 @@ class DeviceStreamer:
         self.tensors = 0
         self.redone_for_nan = 0
         self.tensors_direct = 0  # DMA'd straight from a pinned file mapping
-        self._pinned: dict[str, Future] = {}  # file -> Future(base address or None)
+        self._pinned: dict[str, _PinnedFile | None] = {}  # file -> its pinned mapping (None: cannot map)
+        self._pin_chunk = pin_chunk_bytes or settings.pin_chunk_bytes()
 
     @property
     def ring(self):
@@ -116,10 +151,10 @@ class DeviceStreamer:
     def submit_direct(self, ref) -> Future | None:
         """A same-dtype tensor of a file that is in the page cache: DMA'd straight from a
         read-only shared mapping of the file whose pages are pinned in place
-        (cudaHostRegister, once per file, on a reader thread), so no byte is copied by a
-        CPU. None if pinning that file was refused (the caller uses the ring)."""
-        pinned = self._pin_file(ref.file)
-        if pinned.done() and pinned.exception() is None and pinned.result() is None:
+        (cudaHostRegister, chunk by chunk on the reader threads), so no byte is copied by a
+        CPU. None if the file cannot be pinned (the caller uses the ring)."""
+        pinned = self.pin_file(ref.file)
+        if pinned is None or pinned.refused():
             return None
         self.tensors += 1
         self.backend.follow_current()
@@ -134,30 +169,42 @@ class DeviceStreamer:
         self._run(assembly, self._direct_copy, job, pinned, ref)
         return future
 
-    def _pin_file(self, path: str) -> Future:
+    def pin_file(self, path: str) -> "_PinnedFile | None":
+        """``path``'s pinned mapping, its chunks' pinning queued on the reader pool on first
+        call (before any copy that waits for them: the pool is FIFO, so a waiting copy only
+        ever waits for a chunk a running thread has taken). None if it cannot be mapped."""
         with self._fds_lock:
-            pinned = self._pinned.get(path)
-            if pinned is None:
-                pinned = self._pinned[path] = Future()
-                self._run(self._make_assembly(pinned, None, 1, path, None), self._register, pinned, path)
-        return pinned
+            if path not in self._pinned:
+                try:
+                    mapping = SharedReadMapping(path)
+                except CheckpointError:
+                    self._pinned[path] = None  # the ring's reads meet (and report) the same problem
+                    return None
+                pinned = self._pinned[path] = _PinnedFile(mapping, self._pin_chunk)
+                for index, chunk in enumerate(pinned.chunks):
+                    self._run(self._make_assembly(chunk, None, 1, path, None), self._register, pinned, index)
+            return self._pinned[path]
 
-    def _register(self, pinned: Future, path: str) -> None:
-        mapping = SharedReadMapping(path)
-        if mapping.size and self.backend.register(mapping.base, mapping.size):
-            pinned.set_result(mapping)
-        else:
-            mapping.close()
-            pinned.set_result(None)
+    def _register(self, pinned: "_PinnedFile", index: int) -> None:
+        start, length = pinned.span(index)
+        pinned.chunks[index].set_result(self.backend.register(pinned.mapping.base + start, length))
 
-    def _direct_copy(self, job: _Job, pinned: Future, ref) -> None:
-        mapping = pinned.result()
-        if mapping is None:  # pinning refused: this tensor goes through the ring after all
+    def _direct_copy(self, job: _Job, pinned: "_PinnedFile", ref) -> None:
+        chunks = pinned.covering(ref.offset, ref.nbytes)
+        if not all(pinned.chunks[index].result() for index in chunks):  # pinning refused: the ring after all
             for start in range(0, ref.nbytes, self.ring.slot_bytes):
                 self._piece(job, start, min(self.ring.slot_bytes, ref.nbytes - start))
             return
-        src, dst = mapping.raw_bytes(ref), job.dst_bytes  # raises, naming the tensor, if the file shrank
-        self.backend.enqueue(lambda: self.backend.copy(dst, src))
+        src, dst = pinned.mapping.raw_bytes(ref), job.dst_bytes  # raises, naming the tensor, if the file shrank
+        # One copy per pinned chunk the tensor lies in: a DMA source must be one registration.
+        cuts = [max(pinned.span(index)[0] - ref.offset, 0) for index in chunks] + [ref.nbytes]
+        pieces = [(src[a:b], dst[a:b]) for a, b in zip(cuts, cuts[1:])]
+
+        def work():
+            for piece_src, piece_dst in pieces:
+                self.backend.copy(piece_dst, piece_src)
+
+        self.backend.enqueue(work)
         self.tensors_direct += 1
 
     def submit_tensor(self, tensor, label: str = "tensor") -> Future:
@@ -294,10 +341,8 @@ class DeviceStreamer:
         except Exception:  # noqa: BLE001 - a device error already failed the futures of the work it hit
             pass
         for pinned in self._pinned.values():
-            mapping = pinned.result() if pinned.done() and pinned.exception() is None else None
-            if mapping is not None:
-                self.backend.unregister(mapping.base)
-                mapping.close()
+            if pinned is not None:
+                pinned.unpin(self.backend)
         self._pinned.clear()
         with self._fds_lock:
             for fd in self._fds.values():
