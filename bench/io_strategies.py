@@ -3,9 +3,11 @@
 Each strategy runs in a fresh process, strategies alternate, and the medians of --rounds
 runs are printed. The numbers in docs/design.md came from these, on the 2-core reference VM.
 
-    python bench/io_strategies.py cold CHECKPOINT_FILE [--threads 4,16] [--rounds 3]
-        same-dtype, cold page cache: mapping + MADV_POPULATE_READ; preadv fill then
-        populate; preadv into fresh anonymous memory; O_DIRECT preadv into fresh memory
+    python bench/io_strategies.py cold CHECKPOINT_FILE [--threads 4,16] [--rounds 3] [--only a,b]
+        same-dtype, cold page cache, until every page is resident in this process's
+        mapping: mapping + MADV_POPULATE_READ; preadv fill then populate (or then a read
+        per page, *_touch); POSIX_FADV_WILLNEED readahead then populate (or touch); preadv
+        into fresh anonymous memory; O_DIRECT preadv into fresh memory
     python bench/io_strategies.py cast FP32_CHECKPOINT_FILE [--threads 16] [--rounds 3] [--cold]
         fp32 -> bf16 from the mapping: plain; releasing source pages after each chunk;
         prefaulting each chunk first and releasing
@@ -30,7 +32,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from fasthug_patch.bench.runner import evict as _evict  # noqa: E402
 
 CHUNK = 16 << 20
-COLD = ("populate", "fill_populate", "preadv_fresh", "odirect_fresh")
+COLD = ("populate", "fill_populate", "fill_touch", "willneed_populate", "willneed_touch", "preadv_fresh", "odirect_fresh")
+WILLNEED_PIECE = 4 << 20  # the kernel caps one WILLNEED's readahead at max(read_ahead_kb, io size)
 CAST = ("mapped", "mapped_release", "prefault_release")
 MADV_DONTNEED, MADV_POPULATE_READ = 4, 22
 
@@ -55,17 +58,22 @@ def run_cold(path: str, strategy: str, threads: int) -> float:
     libc = _libc()
     _evict(path)
     began = time.perf_counter()
-    if strategy in ("populate", "fill_populate"):
+    touch = strategy.endswith("_touch")
+    if strategy.startswith(("populate", "fill_", "willneed_")):
         storage = torch.UntypedStorage.from_file(path, shared=False, nbytes=size)
         base = storage.data_ptr()
         fd = os.open(path, os.O_RDONLY)
         sink = memoryview(bytearray(4 << 20))
 
         def job(span):
-            if strategy == "fill_populate":
+            if strategy.startswith("fill_"):  # preadv into a discard buffer: the page cache fills
                 for o in range(span[0], span[0] + span[1], len(sink)):
                     os.preadv(fd, [sink[: min(len(sink), span[0] + span[1] - o)]], o)
-            libc.madvise(base + span[0], span[1], MADV_POPULATE_READ)
+            elif strategy.startswith("willneed_"):  # readahead without a copy to user space
+                for o in range(span[0], span[0] + span[1], WILLNEED_PIECE):
+                    os.posix_fadvise(fd, o, min(WILLNEED_PIECE, span[0] + span[1] - o), os.POSIX_FADV_WILLNEED)
+            if not touch:
+                libc.madvise(base + span[0], span[1], MADV_POPULATE_READ)
     else:
         flags = os.O_RDONLY | (os.O_DIRECT if strategy == "odirect_fresh" else 0)
         fd = os.open(path, flags)
@@ -77,6 +85,9 @@ def run_cold(path: str, strategy: str, threads: int) -> float:
             os.preadv(fd, [view[span[0] : span[0] + n]], span[0])
     with ThreadPoolExecutor(threads) as pool:
         list(pool.map(job, spans))
+    if touch:  # what a load that maps on first use pays afterwards: one read per page
+        view = torch.empty(0, dtype=torch.uint8).set_(storage, 0, (size,), (1,))
+        int(view[::4096].sum())
     return time.perf_counter() - began
 
 
@@ -131,6 +142,7 @@ def main(argv=None) -> int:
     p.add_argument("--threads", default="4,16")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--cold", action="store_true", help="cast: evict the file first")
+    p.add_argument("--only", help="comma-separated strategies (default: all of the kind)")
     p.add_argument("--strategy", help=argparse.SUPPRESS)  # set in the child process
     args = p.parse_args(argv)
     if args.strategy:
@@ -138,6 +150,8 @@ def main(argv=None) -> int:
         _child(args)
         return 0
     strategies = COLD if args.kind == "cold" else CAST
+    if args.only:
+        strategies = [s for s in args.only.split(",") if s in strategies]
     results: dict[tuple, list] = {}
     for _ in range(args.rounds):
         for threads in (int(t) for t in args.threads.split(",")):

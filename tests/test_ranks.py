@@ -126,11 +126,12 @@ def checkpoint(tmp_path):
 CHUNK = 256 << 10
 
 
-def _load_as_rank(store, rank, world, path, dtype=None, group_kwargs=None):
+def _load_as_rank(store, rank, world, path, dtype=None, group_kwargs=None, names=None):
     engine = Materializer(threads=3, chunk_bytes=CHUNK, populate=None, io_mode="read")
     try:
         engine.prepare([path], _group(store, rank, world, **(group_kwargs or {})))
         refs = CheckpointIndex().tensors([path])
+        refs = {name: ref for name, ref in refs.items() if names is None or name in names}
         got = {name: engine.submit(ref, dtype if ref.torch_dtype().is_floating_point else None).result(timeout=30)
                for name, ref in refs.items()}
         return got, engine.bytes_filled, engine.sharing
@@ -190,6 +191,37 @@ def test_a_rank_that_stops_after_claiming_times_out_every_waiter(checkpoint):
         _load_as_rank(store, 0, 2, path, group_kwargs={"timeout": 0.5})
     assert taken == ranks.home_ranges(lengths, 2)[1][0]
     assert time.perf_counter() - began < 10
+
+
+class _SlowStore:
+    """A job's store over a network: a check for a key not set yet takes a while."""
+
+    def __init__(self, store) -> None:
+        self._store = store
+
+    def check(self, keys):
+        found = self._store.check(keys)
+        if not found:
+            time.sleep(0.2)
+        return found
+
+    def __getattr__(self, name):
+        return getattr(self._store, name)
+
+
+def test_a_load_that_ends_before_its_peers_leaves_no_thread_polling_the_store(checkpoint):
+    """The follower of a share must be gone when the load closes: one left polling a
+    TCPStore when the interpreter exits is killed inside torch's C++ call, which aborts
+    the process (a rank of a torchrun job died with SIGABRT after its load)."""
+    path, tensors = checkpoint
+    store = _SlowStore(dist.HashStore())
+    size = os.path.getsize(path)
+    lengths = [length for _, length in filler.spans(size, CHUNK)]
+    silent = _group(store, 1, 2).share(ranks.fingerprint([(path, size)]), lengths)
+    assert silent.claim() == ranks.home_ranges(lengths, 2)[1][0]  # never read: the follower waits for it
+    got, _, _ = _load_as_rank(store, 0, 2, path, names={"w0", "w1"}, group_kwargs={"timeout": 60})
+    assert torch.equal(got["w0"], tensors["w0"]) and torch.equal(got["w1"], tensors["w1"])
+    assert [t.name for t in threading.enumerate() if t.name == "fasthug-ranks"] == []
 
 
 def test_a_late_rank_reads_nothing_and_loads_everything(checkpoint):

@@ -56,6 +56,8 @@ FILL_MIN_BYTES = 512 << 20
 # against 0.10 s for one call over the whole file (large folios: 0.003-0.007 s either way).
 MAP_AHEAD_PIECE = 64 << 20
 MAP_AHEAD_GAP = 1 << 16
+# close() waits this long at most for a share's follower thread: one poll of the store.
+FOLLOWER_JOIN_SECONDS = 10.0
 
 
 class _Assembly:
@@ -129,6 +131,7 @@ class Materializer:
         self._streamers: dict[str, DeviceStreamer] = {}
         self.bytes_filled = 0  # read from checkpoint files by this process's preadv fills
         self._shares: list = []  # (ranks.Share, its chunks, the PeerGroup) per load shared with other ranks
+        self._followers: list[threading.Thread] = []  # one per share: marks its chunks read
         self._sharing = ""  # why the reading was not shared (report.ranks)
         self.backend_for = devices.backend_for  # device -> backend (tests swap in a stand-in)
 
@@ -170,7 +173,9 @@ class Materializer:
         self._shares.append((share, chunks, peers))
         for _ in chunks:
             self._pool.submit(self._claim_job, share, chunks)
-        threading.Thread(target=self._follow_share, args=(share, chunks), name="fasthug-ranks", daemon=True).start()
+        follower = threading.Thread(target=self._follow_share, args=(share, chunks), name="fasthug-ranks", daemon=True)
+        follower.start()
+        self._followers.append(follower)
 
     def _claim_job(self, share, chunks) -> None:
         if self._failed is not None:
@@ -629,6 +634,12 @@ class Materializer:
         self._cast_pool.shutdown(wait=True, cancel_futures=cancel)  # after the readers: they hand casts on
         for share, _, _ in self._shares:
             share.stopped = True  # chunks read by then are posted; unclaimed ones are the other ranks' to read
+        # A follower still polling the store when the interpreter exits is stopped inside
+        # torch's C++ store call, which aborts the process ("terminate called without an
+        # active exception"): seen on a rank of a 3-rank torchrun job. It sees ``stopped``
+        # within one poll.
+        for follower in self._followers:
+            follower.join(FOLLOWER_JOIN_SECONDS)
         for streamer in self._unique_streamers():
             streamer.close()
         for read_direct in self._direct.values():
