@@ -243,8 +243,14 @@ def test_io_strategy_microbenchmarks_run(tmp_path, kind):
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     strategies = [line.split()[0] for line in out.stdout.splitlines()[1:]]
-    assert strategies == list(("populate", "fill_populate", "preadv_fresh", "odirect_fresh") if kind == "cold"
+    assert strategies == list(("populate", "fill_populate", "fill_touch", "willneed_populate", "willneed_touch",
+                               "preadv_fresh", "odirect_fresh") if kind == "cold"
                               else ("mapped", "mapped_release", "prefault_release"))
+    assert not any("failed" in line for line in out.stdout.splitlines()[1:] if "odirect" not in line), out.stdout
+    only = subprocess.run([sys.executable, script, kind, path, "--threads", "2", "--rounds", "1",
+                           "--only", f"{strategies[-1]},nonsense,{strategies[0]}"],
+                          capture_output=True, text=True, timeout=300)
+    assert [line.split()[0] for line in only.stdout.splitlines()[1:]] == [strategies[-1], strategies[0]]
 
 
 def test_quantization_method_reads_the_checkpoints_config(tmp_path):
