@@ -29,6 +29,8 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("model", metavar="MODEL_OR_PATH")
     b.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     b.add_argument("--cold", action="store_true", help="evict the checkpoint from the page cache before each trial")
+    b.add_argument("--cuda-first", action="store_true",
+                   help="GPU trials create their CUDA context before the timer (its time is reported apart)")
     b.add_argument("--dtype", choices=DTYPE_CHOICES, default="default",
                    help="dtype passed to from_pretrained; 'default' passes none (fp32 on 4.x, auto on 5.x)")
     b.add_argument("-n", type=int, default=5, help="measured rounds (each runs every mode once)")
@@ -93,7 +95,7 @@ def _bench(args) -> int:
         result = runner.run_bench(args.model, modes=modes, n=args.n, warmup=args.warmup, cold=args.cold,
                                   dtype=args.dtype, python=args.python, progress=not args.quiet,
                                   device=args.device, forward=args.forward, quant=quant,
-                                  ceilings=args.ceilings)
+                                  ceilings=args.ceilings, cuda_first=args.cuda_first)
     except (runner.TrialError, ValueError) as exc:
         print(f"fasthug-patch bench: {exc}", file=sys.stderr)
         return 1

@@ -60,8 +60,10 @@ def perturbed(tiny, tmp_path_factory) -> str:
 
 @pytest.fixture(scope="module")
 def pair(tiny) -> dict:
-    """One stock and one patched trial on the tiny checkpoint, with a forward pass."""
-    return {mode: runner.run_trial(tiny, mode, forward=True, timeout=300) for mode in ("stock", "patched")}
+    """One stock and one patched trial on the tiny checkpoint, with a forward pass (the
+    patched one asked to create a CUDA context first, which a CPU trial ignores)."""
+    return {mode: runner.run_trial(tiny, mode, forward=True, timeout=300, cuda_first=mode == "patched")
+            for mode in ("stock", "patched")}
 
 
 # --------------------------------------------------------------------------- trials
@@ -86,6 +88,7 @@ def test_trial_json_fields(pair, tiny, mode):
     assert len(t["digest"]) == {"sha256": 64, "xxh3_128": 32}[t["digest_algorithm"]] and set(t["digest"]) <= HEX
     assert set(t["versions"]) == {"python", "torch", "transformers"}
     assert t["fasthug_enable_env"] is None
+    assert t["cuda_init_s"] is None  # a CPU trial has no CUDA context to create
     if mode == "stock":
         assert t["fasthug"] is None
         assert t["fasthug_imported"] is False
@@ -236,10 +239,11 @@ def test_schedule_is_abba():
 
 def test_run_bench_order_and_result(tiny, monkeypatch):
     """run_bench with the trial process replaced: order, result shape, JSON-ability, table."""
-    calls = []
+    calls, firsts = [], []
 
-    def fake_run_trial(path, mode, dtype, device, forward, quant, python, timeout, settings=None):
+    def fake_run_trial(path, mode, dtype, device, forward, quant, python, timeout, settings=None, cuda_first=False):
         calls.append((mode, forward))
+        firsts.append(cuda_first)
         return _fake(mode, 2.0 if mode == "stock" else 1.0, weight_bytes=1000, model_class="X",
                      versions={"python": "3", "torch": "t", "transformers": "tf"},
                      fasthug={"path": "fast", "reason": ""} if mode == "patched" else None)
@@ -264,6 +268,11 @@ def test_run_bench_order_and_result(tiny, monkeypatch):
     assert "--dtype bf16" in result["command"] and "-n 3 --warmup 1" in result["command"]
     assert "--no-forward" not in result["command"]
     assert "--no-forward" in runner.run_bench(tiny, n=1, warmup=0, progress=False, forward=False)["command"]
+    assert "--cuda-first" not in result["command"] and not any(firsts) and result["cuda_first"] is False
+    firsts.clear()
+    gpu = runner.run_bench(tiny, n=1, warmup=0, progress=False, device="cuda", cuda_first=True)
+    assert firsts == [True, True] and gpu["cuda_first"] is True
+    assert "--device cuda --cuda-first" in gpu["command"]
     json.dumps(result)  # plain JSON-able
     table = runner.format_table(result)
     assert "COLD" in table
@@ -400,6 +409,11 @@ def test_format_table():
     assert not any("first forward" in line for line in lines)  # no data: no row
     assert "**yes**" in table and "fast×1" in table and "2.2" in table
     assert "cold disk pread 2.00 GB/s @4 threads (1.10s for the files)" in table
+    assert "CUDA context" not in table
+    result["trials"] = [dict(trials[0], cuda_init_s=0.5), dict(trials[1], cuda_init_s=0.25)]
+    assert "- CUDA context created before the timer in every trial: 0.38 s median (0.25-0.50), not in the times above" \
+        in runner.format_table(result)
+    result["trials"] = trials
     result["checkpoint_bytes"] = 1.1e9
     assert "cold disk pread 2.00 GB/s @4 threads (0.55s for the files)" in runner.format_table(result)
     assert "memcpy (prefaulted) 10.00 GB/s (0.22s for the weights)" in runner.format_table(result)

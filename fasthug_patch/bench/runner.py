@@ -195,10 +195,12 @@ def trial_env(mode: str, settings: dict | None = None) -> dict:
 
 
 def trial_command(python: str, path: str, mode: str, dtype: str = "default", device: str = "cpu",
-                  forward: bool = False, quant: str | None = None) -> list[str]:
+                  forward: bool = False, quant: str | None = None, cuda_first: bool = False) -> list[str]:
     cmd = [python, TRIAL_SCRIPT, "--mode", mode, "--path", str(path), "--dtype", dtype, "--device", device]
     if forward:
         cmd.append("--forward")
+    if cuda_first:
+        cmd.append("--cuda-first")
     if quant:
         cmd += ["--quant", quant]
     return cmd
@@ -210,9 +212,9 @@ class TrialError(RuntimeError):
 
 def run_trial(path, mode: str, dtype: str = "default", device: str = "cpu", forward: bool = False,
               quant: str | None = None, python: str = sys.executable, timeout: float | None = None,
-              settings: dict | None = None) -> dict:
+              settings: dict | None = None, cuda_first: bool = False) -> dict:
     """One trial in a fresh process; returns its parsed JSON line."""
-    cmd = trial_command(python, path, mode, dtype, device, forward, quant)
+    cmd = trial_command(python, path, mode, dtype, device, forward, quant, cuda_first)
     began = time.perf_counter()
     proc = subprocess.run(cmd, env=trial_env(mode, settings), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                           text=True, timeout=timeout)
@@ -227,12 +229,14 @@ def run_trial(path, mode: str, dtype: str = "default", device: str = "cpu", forw
 
 
 def rerun_command(path, modes, n, warmup, cold, dtype, device, forward, python, quant=None,
-                  ceilings=False, settings: dict | None = None) -> str:
+                  ceilings=False, settings: dict | None = None, cuda_first: bool = False) -> str:
     parts = [python, "-m", "fasthug_patch.cli", "bench", str(path), "-n", str(n), "--warmup", str(warmup)]
     if dtype not in (None, "default"):
         parts += ["--dtype", dtype]
     if device != "cpu":
         parts += ["--device", device]
+    if cuda_first:
+        parts.append("--cuda-first")
     if cold:
         parts.append("--cold")
     if not forward:
@@ -250,9 +254,11 @@ def rerun_command(path, modes, n, warmup, cold, dtype, device, forward, python, 
 def run_bench(path, modes=("stock", "patched"), n: int = 5, warmup: int = 1, cold: bool = False,
               dtype: str = "default", python: str = sys.executable, progress: bool = True,
               device: str = "cpu", forward: bool = True, quant: str | None = None,
-              ceilings: bool = False, timeout: float | None = None, settings: dict | None = None) -> dict:
+              ceilings: bool = False, timeout: float | None = None, settings: dict | None = None,
+              cuda_first: bool = False) -> dict:
     """Warmup rounds, then ``n`` ABBA rounds of ``modes``, each trial a fresh process.
     ``settings``: FASTHUG_* variables for the patched trials (a setting off by default).
+    ``cuda_first``: GPU trials create their CUDA context before the timer (both modes).
 
     ``cold``: evict the checkpoint's pages from the page cache before every trial (the
     residency measured right after is recorded with the trial). ``ceilings``: also measure
@@ -285,7 +291,8 @@ def run_bench(path, modes=("stock", "patched"), n: int = 5, warmup: int = 1, col
                 resident = residency(local)
             elif local is not None:
                 resident = residency(local)
-            result = run_trial(path, step["mode"], dtype, device, forward, quant, python, timeout, settings)
+            result = run_trial(path, step["mode"], dtype, device, forward, quant, python, timeout, settings,
+                               cuda_first)
             result.update(step, index=i, resident_before=resident,
                           ready_gbps=ready_gbps(checkpoint_bytes, result.get("ready_s")))
             trials.append(result)
@@ -317,6 +324,7 @@ def run_bench(path, modes=("stock", "patched"), n: int = 5, warmup: int = 1, col
         "cold": cold,
         "dtype": dtype,
         "device": device,
+        "cuda_first": cuda_first,
         "forward": forward,
         "quant": quant,
         "prequantized": checkpoints.quantization_method(local) if local else None,
@@ -332,7 +340,7 @@ def run_bench(path, modes=("stock", "patched"), n: int = 5, warmup: int = 1, col
         "machine": machine,
         "python": python,
         "command": rerun_command(path, modes, n, warmup, cold, dtype, device, forward, python, quant, ceilings,
-                                 settings),
+                                 settings, cuda_first),
         "settings": dict(settings or {}),
         "started": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(started)),
         "seconds": time.time() - started,
@@ -463,6 +471,10 @@ def format_table(result: dict) -> str:
         paths = ", ".join(f"{k}×{v}" for k, v in fh["paths"].items())
         reasons = "; ".join(r for r in fh["reasons"] if r)
         lines.append(f"- fasthug_patch path: {paths}" + (f" ({reasons})" if reasons else ""))
+    inits = [t["cuda_init_s"] for t in result.get("trials", []) if t.get("cuda_init_s") is not None]
+    if inits:
+        lines.append(f"- CUDA context created before the timer in every trial: {statistics.median(inits):.2f} s "
+                     f"median ({min(inits):.2f}-{max(inits):.2f}), not in the times above")
     if result.get("cold"):
         res = [t.get("resident_before") for t in result.get("trials", []) if t.get("resident_before") is not None]
         if res:

@@ -40,6 +40,7 @@ class Scenario:
     checkpoint_size: str | None = None  # instead of the size being run (one size only)
     prequantized: str | None = None  # load a save_pretrained of the checkpoint quantised so ("8bit", "4bit")
     settings: tuple = ()  # (FASTHUG_* variable, value) pairs for the patched trials: a setting off by default
+    cuda_first: bool = False  # GPU trials create their CUDA context before the timer
 
 
 SCENARIOS = (
@@ -63,6 +64,8 @@ SCENARIOS = (
     Scenario("S4g-int8", "bitsandbytes int8 on the fly, GPU", "bf16", quant="8bit", device="cuda", needs="cuda"),
     Scenario("S4g-nf4", "bitsandbytes nf4 on the fly, GPU", "bf16", quant="4bit", device="cuda", needs="cuda"),
     Scenario("S6", 'device_map="cuda", warm page cache', "bf16", dtype="bf16", device="cuda", needs="cuda"),
+    Scenario("S6w", 'S6 with the CUDA context created before the timer (a process that has used the GPU already)',
+             "bf16", dtype="bf16", device="cuda", needs="cuda", cuda_first=True),
     Scenario("S6c", 'device_map="cuda", cold page cache', "bf16", cold=True, dtype="bf16", device="cuda",
              needs="cuda"),
     Scenario("S6m", "model.to(\"cuda\") after a CPU load, warm", "bf16", dtype="bf16", device="cpu+cuda",
@@ -139,7 +142,8 @@ def run(pythons, sizes, scenario_keys, n: int, warmup: int, root: str) -> None:
                         modes = ("stock", "patched")
                 result = runner.run_bench(path, modes=modes, n=n, warmup=warmup, cold=scenario.cold,
                                           dtype=scenario.dtype, python=python, device=scenario.device,
-                                          quant=scenario.quant, ceilings=False, settings=dict(scenario.settings))
+                                          quant=scenario.quant, ceilings=False, settings=dict(scenario.settings),
+                                          cuda_first=scenario.cuda_first)
                 result["fasthug_error"] = fasthug_error
                 if path not in ceilings_done:
                     ceilings_done[path] = runner.run_ceilings(path, python=python)
