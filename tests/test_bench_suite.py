@@ -39,6 +39,12 @@ def test_every_issue_scenario_is_listed():
     ("F1", CPU_5, "1b", True),
     ("S3d", CPU_5, "1b", False),
     ("S3d", CPU_5, "125m", True),  # a setting's scenario runs at 1b
+    ("S5g-nf4", dict(CPU_5, cuda=True, bitsandbytes=True), "1b", False),
+    ("S5g-nf4", dict(CPU_5, cuda=True, bitsandbytes=False), "1b", True),  # a GPU image without bitsandbytes
+    ("S4g-int8", dict(CPU_5, cuda=True), "1b", True),
+    ("S4g-int8", dict(CPU_457, cuda=True, bitsandbytes=True), "1b", True),  # on the fly is stock on 4.x
+    ("S5g-int8", dict(CPU_457, cuda=True, bitsandbytes=True), "1b", False),  # against stock 4.57
+    ("S5g-int8", CPU_457, "1b", True),
 ])
 def test_skip_reasons(key, info, size, skipped):
     reason = suite.skip_reason(_scenario(key), info, size)

@@ -63,6 +63,10 @@ SCENARIOS = (
              prequantized="4bit", needs="bitsandbytes"),
     Scenario("S4g-int8", "bitsandbytes int8 on the fly, GPU", "bf16", quant="8bit", device="cuda", needs="cuda"),
     Scenario("S4g-nf4", "bitsandbytes nf4 on the fly, GPU", "bf16", quant="4bit", device="cuda", needs="cuda"),
+    Scenario("S5g-int8", "pre-quantised int8 checkpoint, GPU", "bf16", prequantized="8bit", device="cuda",
+             needs="cuda"),
+    Scenario("S5g-nf4", "pre-quantised nf4 checkpoint, GPU", "bf16", prequantized="4bit", device="cuda",
+             needs="cuda"),
     Scenario("S6", 'device_map="cuda", warm page cache', "bf16", dtype="bf16", device="cuda", needs="cuda"),
     Scenario("S6w", 'S6 with the CUDA context created before the timer (a process that has used the GPU already)',
              "bf16", dtype="bf16", device="cuda", needs="cuda", cuda_first=True),
@@ -91,7 +95,7 @@ def python_info(python: str) -> dict:
 def skip_reason(scenario: Scenario, info: dict, size: str) -> str | None:
     if scenario.needs == "cuda" and not info["cuda"]:
         return "needs a CUDA GPU; none on this machine"
-    if scenario.needs == "bitsandbytes" and not info.get("bitsandbytes"):
+    if (scenario.needs == "bitsandbytes" or scenario.quant or scenario.prequantized) and not info.get("bitsandbytes"):
         return "needs bitsandbytes, not installed for this interpreter"
     if scenario.quant and info["transformers"].startswith("4."):
         return "the fast path quantises on the fly on 5.x only: both columns would be stock"

@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# Issue 6 on a lent GPU: bitsandbytes loads at 1b (S4g-*: quantised on the fly, S5g-*:
+# pre-quantised checkpoints), on the device's transformers 5.x and on a carried 4.57 (the
+# line fasthug's own ratios were measured against). The GPU image has no bitsandbytes and
+# no 4.57, so both travel as wheels (about 60 MB of the 64 MiB a call may carry):
+#   here:   bash scripts/gpu_quant.sh fetch          # wheels into .whl/ (git-ignored)
+#   there:  bash scripts/gpu_quant.sh run [SECONDS]  # with .whl carried; results in $OUT
+# PY names the interpreter (default python3), ROOT where results and docs go (default .).
+# On a machine without CUDA every GPU scenario is skipped, which is how this script is
+# checked without one: PY=.matrix/base/bin/python ROOT=/tmp/dry bash scripts/gpu_quant.sh run
+set -eu
+PY=${PY:-python3}
+case "${1:-}" in
+fetch)
+    exclude=$(git rev-parse --git-path info/exclude); mkdir -p "$(dirname "$exclude")"
+    grep -qx '/.whl/' "$exclude" 2>/dev/null || echo /.whl/ >> "$exclude"
+    mkdir -p .whl
+    $PY -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+        --platform manylinux_2_28_x86_64 --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64 \
+        --platform manylinux2014_x86_64 -d .whl \
+        bitsandbytes==0.50.2 transformers==4.57.6 tokenizers==0.22.2 huggingface_hub==0.36.2
+    du -sh .whl
+    ;;
+run)
+    OUT=${OUT:-/tmp/gpu_out}; mkdir -p "$OUT"
+    pip_install="$PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target"
+    $pip_install /tmp/fh_bnb .whl/bitsandbytes-*.whl
+    $pip_install /tmp/fh_tf457 .whl/transformers-4.57.6-*.whl .whl/tokenizers-*.whl .whl/huggingface_hub-*.whl
+    # The 4.57 line: the same interpreter, with 4.57 and its pins first on the path (kept first
+    # when the bench prepends the package for its patched trials).
+    printf '#!/usr/bin/env bash\nPYTHONPATH=/tmp/fh_tf457:/tmp/fh_bnb${PYTHONPATH:+:$PYTHONPATH} exec %s "$@"\n' \
+        "$(command -v "$PY")" > /tmp/fh_python457
+    chmod +x /tmp/fh_python457
+    export PYTHONPATH=$PWD:/tmp/fh_bnb PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+    timeout "${2:-540}" "$PY" bench/suite.py run --python "$(command -v "$PY")" --python /tmp/fh_python457 \
+        --sizes 1b --scenarios S5g-int8,S5g-nf4,S4g-int8,S4g-nf4 -n 2 --warmup 1 --root "${ROOT:-.}" \
+        2>&1 | grep -v "it/s\]" | tee "$OUT/suite.log" | grep -E "^==|time to ready|identical|path:|suite:" || true
+    (cd "${ROOT:-.}" && tar czf "$OUT/results.tgz" bench/results docs/benchmarks.md 2>/dev/null) || true
+    ls -la "$OUT"
+    ;;
+*)
+    echo "usage: bash scripts/gpu_quant.sh fetch | run [SECONDS]" >&2
+    exit 2
+    ;;
+esac
