@@ -36,7 +36,6 @@ class Scenario:
     dtype: str = "default"  # the dtype argument of from_pretrained
     quant: str | None = None
     device: str = "cpu"
-    needs: str | None = None  # "cuda" or "bitsandbytes"
     checkpoint_size: str | None = None  # instead of the size being run (one size only)
     prequantized: str | None = None  # load a save_pretrained of the checkpoint quantised so ("8bit", "4bit")
     settings: tuple = ()  # (FASTHUG_* variable, value) pairs for the patched trials: a setting off by default
@@ -53,27 +52,21 @@ SCENARIOS = (
     Scenario("D4", "4.x's default: bf16 checkpoint, no dtype argument (fp32 model), warm", "bf16"),
     Scenario("F1", "tied-embedding 1b (the layout fasthug 0.0.6 loads), no dtype argument, warm", "bf16",
              checkpoint_size="1b-tied"),
-    Scenario("S4-int8", "bitsandbytes int8 on the fly (bf16 checkpoint, CPU)", "bf16", quant="8bit",
-             needs="bitsandbytes"),
-    Scenario("S4-nf4", "bitsandbytes nf4 on the fly (bf16 checkpoint, CPU)", "bf16", quant="4bit",
-             needs="bitsandbytes"),
+    Scenario("S4-int8", "bitsandbytes int8 on the fly (bf16 checkpoint, CPU)", "bf16", quant="8bit"),
+    Scenario("S4-nf4", "bitsandbytes nf4 on the fly (bf16 checkpoint, CPU)", "bf16", quant="4bit"),
     Scenario("S5-int8", "pre-quantised int8 checkpoint (save_pretrained of S4-int8's model), CPU", "bf16",
-             prequantized="8bit", needs="bitsandbytes"),
+             prequantized="8bit"),
     Scenario("S5-nf4", "pre-quantised nf4 checkpoint (save_pretrained of S4-nf4's model), CPU", "bf16",
-             prequantized="4bit", needs="bitsandbytes"),
-    Scenario("S4g-int8", "bitsandbytes int8 on the fly, GPU", "bf16", quant="8bit", device="cuda", needs="cuda"),
-    Scenario("S4g-nf4", "bitsandbytes nf4 on the fly, GPU", "bf16", quant="4bit", device="cuda", needs="cuda"),
-    Scenario("S5g-int8", "pre-quantised int8 checkpoint, GPU", "bf16", prequantized="8bit", device="cuda",
-             needs="cuda"),
-    Scenario("S5g-nf4", "pre-quantised nf4 checkpoint, GPU", "bf16", prequantized="4bit", device="cuda",
-             needs="cuda"),
-    Scenario("S6", 'device_map="cuda", warm page cache', "bf16", dtype="bf16", device="cuda", needs="cuda"),
+             prequantized="4bit"),
+    Scenario("S4g-int8", "bitsandbytes int8 on the fly, GPU", "bf16", quant="8bit", device="cuda"),
+    Scenario("S4g-nf4", "bitsandbytes nf4 on the fly, GPU", "bf16", quant="4bit", device="cuda"),
+    Scenario("S5g-int8", "pre-quantised int8 checkpoint, GPU", "bf16", prequantized="8bit", device="cuda"),
+    Scenario("S5g-nf4", "pre-quantised nf4 checkpoint, GPU", "bf16", prequantized="4bit", device="cuda"),
+    Scenario("S6", 'device_map="cuda", warm page cache', "bf16", dtype="bf16", device="cuda"),
     Scenario("S6w", 'S6 with the CUDA context created before the timer (a process that has used the GPU already)',
-             "bf16", dtype="bf16", device="cuda", needs="cuda", cuda_first=True),
-    Scenario("S6c", 'device_map="cuda", cold page cache', "bf16", cold=True, dtype="bf16", device="cuda",
-             needs="cuda"),
-    Scenario("S6m", "model.to(\"cuda\") after a CPU load, warm", "bf16", dtype="bf16", device="cpu+cuda",
-             needs="cuda"),
+             "bf16", dtype="bf16", device="cuda", cuda_first=True),
+    Scenario("S6c", 'device_map="cuda", cold page cache', "bf16", cold=True, dtype="bf16", device="cuda"),
+    Scenario("S6m", "model.to(\"cuda\") after a CPU load, warm", "bf16", dtype="bf16", device="cpu+cuda"),
 )
 SIZES = ("125m", "1b", "3b", "7b")
 RESULTS_DIR = os.path.join("bench", "results")
@@ -93,9 +86,9 @@ def python_info(python: str) -> dict:
 
 
 def skip_reason(scenario: Scenario, info: dict, size: str) -> str | None:
-    if scenario.needs == "cuda" and not info["cuda"]:
+    if "cuda" in scenario.device and not info["cuda"]:
         return "needs a CUDA GPU; none on this machine"
-    if (scenario.needs == "bitsandbytes" or scenario.quant or scenario.prequantized) and not info.get("bitsandbytes"):
+    if (scenario.quant or scenario.prequantized) and not info.get("bitsandbytes"):
         return "needs bitsandbytes, not installed for this interpreter"
     if scenario.quant and info["transformers"].startswith("4."):
         return "the fast path quantises on the fly on 5.x only: both columns would be stock"

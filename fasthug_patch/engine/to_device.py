@@ -41,6 +41,9 @@ def casts_on_device(src_dtype, dst_dtype) -> bool:
     return name(src_dtype) in _FLOATS and name(dst_dtype) in _FLOATS
 
 
+PAGE = mmap.PAGESIZE
+
+
 class _PinnedFile:
     """A page-cached file's read-only shared mapping, pinned for DMA in chunks (one Future
     per chunk: whether cudaHostRegister took it). Chunks are pinned in parallel, and a
@@ -68,9 +71,6 @@ class _PinnedFile:
             if chunk.done() and chunk.exception() is None and chunk.result():
                 backend.unregister(self.mapping.base + self.span(index)[0])
         self.mapping.close()
-
-
-PAGE = mmap.PAGESIZE
 
 
 class _Job:
