@@ -9,6 +9,7 @@ tests/test_gpu.py runs the same paths on a real GPU where there is one.
 from __future__ import annotations
 
 import mmap
+import pathlib
 import threading
 
 import pytest
@@ -361,3 +362,36 @@ def test_pinning_ahead_is_opt_in_and_skips_cold_files(standin, checkpoint, monke
     assert engine.pin_ahead("cuda:0") == 0
     engine.close()
     assert not standin.registered
+
+
+_EXIT_DURING_WARMUP = """
+import sys, time
+from fasthug_patch.engine import devices, ring
+
+class SlowToPin(devices.StandInBackend):
+    def host_buffer(self, nbytes):
+        time.sleep(0.5)  # a slow cudaHostAlloc
+        buffer = super().host_buffer(nbytes)
+        open(sys.argv[1], "w").write("ring pinned")
+        return buffer
+
+devices.backend_for = lambda device: SlowToPin(name=device)
+ring.warm_async(["cuda:0"])
+# the script ends at once: a load that warmed the ring and then fell back to stock
+"""
+
+
+def test_the_process_exits_only_after_a_ring_warm_up_ends(tmp_path):
+    """A ring warm-up still inside its (CUDA) allocation when the interpreter exits must
+    not be cut off there: a daemon thread stopped on its way back from a pybind11 call
+    aborts the process. The exit waits for it instead."""
+    import subprocess
+    import sys
+
+    marker = tmp_path / "pinned"
+    script = tmp_path / "exit_during_warmup.py"
+    script.write_text(_EXIT_DURING_WARMUP)
+    done = subprocess.run([sys.executable, str(script), str(marker)], capture_output=True, text=True, timeout=60,
+                          cwd=str(pathlib.Path(__file__).resolve().parents[1]))
+    assert done.returncode == 0, done.stderr
+    assert marker.read_text() == "ring pinned"

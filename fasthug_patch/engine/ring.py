@@ -13,6 +13,7 @@ more than reusing it (cudaHostAlloc maps and locks every page).
 
 from __future__ import annotations
 
+import atexit
 import queue
 import threading
 
@@ -106,11 +107,22 @@ def cuda_devices(device_map) -> set[str]:
         return set()
 
 
+# How long the interpreter's exit waits for a ring warm-up still running (pinning a few
+# hundred MiB takes tens of milliseconds; a stuck driver call must not hang the exit).
+WARMUP_JOIN_SECONDS = 10.0
+_warmups: list[threading.Thread] = []
+_warmups_lock = threading.Lock()
+
+
 def warm_async(names) -> None:
     """Start allocating the rings of the CUDA devices ``names`` (cuda_devices), in a
     background thread, so pinning the ring overlaps stock building the model."""
     for name in names:
-        threading.Thread(target=_warm, args=(name,), name="fasthug-ring-warmup", daemon=True).start()
+        thread = threading.Thread(target=_warm, args=(name,), name="fasthug-ring-warmup", daemon=True)
+        with _warmups_lock:
+            _warmups[:] = [t for t in _warmups if t.is_alive()]
+            _warmups.append(thread)
+        thread.start()
 
 
 def _warm(device: str) -> None:
@@ -120,3 +132,16 @@ def _warm(device: str) -> None:
         shared_ring(devices.backend_for(device))
     except Exception:  # noqa: BLE001 - the load itself will meet (and handle) the same problem
         pass
+
+
+@atexit.register
+def join_warmups(timeout: float = WARMUP_JOIN_SECONDS) -> None:
+    """Wait for warm-ups still running. At exit, so that none is inside a CUDA call when
+    the interpreter stops its daemon threads: the thread would be ended on its way back
+    through pybind11's GIL guard, which is noexcept, and the process would abort
+    ("terminate called without an active exception"). A load that uses its ring waits for
+    the warm-up anyway; this covers one that did not (it fell back to stock, or failed)."""
+    with _warmups_lock:
+        pending = list(_warmups)
+    for thread in pending:
+        thread.join(timeout)
