@@ -108,13 +108,30 @@ def _untested(f: Facts) -> bool:
 
 
 # Device kinds the fast path places weights on. CUDA targets are streamed through the
-# pinned ring on the lines whose loader hands each tensor's device to us (5.x).
+# pinned ring on the lines whose loader hands each tensor's device to us (5.x), and on 4.57,
+# whose shard loop the v4 adapter answers with stock's own per-tensor devices.
 _STREAMED_LINES = ("v5",)
+V4_STREAMED_FROM = (4, 57)
+
+# GPU paths written and tested on CPU with the stand-in device but not yet run on a GPU:
+# taken only with FASTHUG_UNVERIFIED_GPU=1 until tests/test_gpu.py has passed on one
+# (scripts/gpu_bench.sh and gpu_quant.sh set it), then moved out of this set.
+UNVERIFIED_GPU = frozenset({"v4-cuda", "bnb-prequantised-cuda"})
+
+
+def gpu_path_allowed(path: str) -> bool:
+    return path not in UNVERIFIED_GPU or settings.unverified_gpu_paths()
+
+
+def _streams_cuda(f: Facts) -> bool:
+    if adapter_line(f.transformers_version) in _STREAMED_LINES:
+        return True
+    return version_tuple(f.transformers_version) >= V4_STREAMED_FROM and gpu_path_allowed("v4-cuda")
 
 
 def _devices_not_streamed(f: Facts, also=frozenset()) -> frozenset[str]:
     handled = {"cpu"} | set(also)
-    if adapter_line(f.transformers_version) in _STREAMED_LINES:
+    if _streams_cuda(f):
         handled.add("cuda")
     return frozenset(f.device_kinds - handled)
 
@@ -122,9 +139,36 @@ def _devices_not_streamed(f: Facts, also=frozenset()) -> frozenset[str]:
 def _device_reason(f: Facts, also=frozenset()) -> str:
     kinds = sorted(_devices_not_streamed(f, also))
     if kinds == ["cuda"]:
+        if version_tuple(f.transformers_version) >= V4_STREAMED_FROM:
+            return (f"device_map places weights on cuda; on transformers {f.transformers_version} streaming to the GPU "
+                    f"is written but not yet checked on a GPU: set {settings.UNVERIFIED_GPU_VAR}=1 to try it, or "
+                    "load to CPU and call model.cuda(), which streams")
         return (f"device_map places weights on cuda; on transformers {f.transformers_version} the fast path loads "
-                "to CPU only (GPU streaming needs 5.x): load to CPU and call model.cuda(), which streams")
+                "to CPU only (GPU streaming needs 4.57 or 5.x): load to CPU and call model.cuda(), which streams")
     return f"device_map places weights on {kinds}; the fast path covers CPU and CUDA targets"
+
+
+def _bnb_on_gpu_stock(f: Facts) -> bool:
+    """bitsandbytes with weights bound for a GPU: a pre-quantised checkpoint is placed
+    where the stock loader streams to CUDA (its tensors are handed to the quantizer's own
+    code as stock hands them); quantising on the fly stays stock there, since stock loads
+    those weights one at a time to keep full-precision copies from piling up on the GPU."""
+    if f.quantization != BNB or not (f.device_kinds - {"cpu"}):
+        return False
+    return not (f.pre_quantized and _streams_cuda(f) and not _devices_not_streamed(f, {"auto"})
+                and gpu_path_allowed("bnb-prequantised-cuda"))
+
+
+def _bnb_on_gpu_reason(f: Facts) -> str:
+    devices = sorted(f.device_kinds - {"cpu"})
+    if not f.pre_quantized:
+        return (f"bitsandbytes quantising on the fly with weights on {devices} loads through the stock loader (one "
+                "weight at a time, so full-precision copies never pile up on the GPU); the fast path quantises on "
+                "CPU targets, and places pre-quantised checkpoints on CUDA")
+    if not gpu_path_allowed("bnb-prequantised-cuda"):
+        return (f"a pre-quantised bitsandbytes checkpoint on {devices}: placing it on the GPU is written but not yet "
+                f"checked on a GPU; set {settings.UNVERIFIED_GPU_VAR}=1 to try it")
+    return _device_reason(f, {"auto"})
 
 
 BNB = "bitsandbytes"
@@ -259,10 +303,10 @@ RULES: list[Rule] = [
         lambda f: f"weights in {f.weights_format} format load through the stock loader",
     ),
     Rule(
-        "load-bnb-device", "load", "bitsandbytes with weights placed on a GPU",
-        lambda f: f.quantization == BNB and bool(f.device_kinds - {"cpu"}),
-        lambda f: f"bitsandbytes on {sorted(f.device_kinds - {'cpu'})} loads through the stock loader; the fast "
-        "path's quantisation is checked on CPU targets only so far",
+        "load-bnb-device", "load",
+        "bitsandbytes with weights placed on a GPU, except a pre-quantised checkpoint where CUDA is streamed",
+        _bnb_on_gpu_stock,
+        _bnb_on_gpu_reason,
     ),
     Rule(
         "load-devices", "load", "the resolved device map uses a device other than CPU or (on 5.x) CUDA",

@@ -26,6 +26,7 @@ HUGE_PAGES_VAR = "FASTHUG_HUGE_PAGES"
 CAST_AHEAD_VAR = "FASTHUG_CAST_AHEAD"
 DIST_VAR = "FASTHUG_DIST"
 DIST_TIMEOUT_VAR = "FASTHUG_DIST_TIMEOUT_S"
+UNVERIFIED_GPU_VAR = "FASTHUG_UNVERIFIED_GPU"
 
 # Pinned staging ring per device: slots x MiB. Enough slots for every reader thread to
 # have one filling while the copy engine drains the others.
@@ -109,6 +110,14 @@ def memory_available_override() -> int | None:
 
 def allow_untested_versions() -> bool:
     return bool(env_flag(ALLOW_UNTESTED_VAR))
+
+
+def unverified_gpu_paths() -> bool:
+    """Whether the GPU paths written and tested with the CPU stand-in device, but not yet
+    run on a GPU, may be taken (FASTHUG_UNVERIFIED_GPU=1; capabilities.UNVERIFIED_GPU
+    lists them). Off by default: "the same model as stock" is claimed only for what was
+    checked on the hardware. The GPU scripts turn it on to check them."""
+    return env_flag(UNVERIFIED_GPU_VAR) is True
 
 
 def ring_shape() -> tuple[int, int]:

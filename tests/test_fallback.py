@@ -121,7 +121,8 @@ def test_fallback_result_identical_to_stock_for_declined_load(tiny, monkeypatch)
         (Facts(transformers_version=transformers.__version__), None),
     ],
 )
-def test_capability_rules(facts, rule):
+def test_capability_rules(facts, rule, monkeypatch):
+    monkeypatch.delenv("FASTHUG_UNVERIFIED_GPU", raising=False)
     decision = capabilities.decide(facts, "call")
     assert decision.rule == rule
     assert decision.fast == (rule is None)
@@ -129,10 +130,24 @@ def test_capability_rules(facts, rule):
         assert decision.reason  # every fallback says why
 
 
-def test_cuda_reason_points_4x_users_at_model_cuda():
+def test_cuda_reason_points_4x_users_at_model_cuda(monkeypatch):
+    monkeypatch.delenv("FASTHUG_UNVERIFIED_GPU", raising=False)
+    reason = capabilities.decide(Facts(transformers_version="4.56.2", device_kinds=frozenset({"cuda"})), "load").reason
+    assert "4.56.2" in reason and "model.cuda()" in reason
     reason = capabilities.decide(Facts(transformers_version="4.57.6", device_kinds=frozenset({"cuda"})), "load").reason
-    assert "4.57.6" in reason and "model.cuda()" in reason
+    assert "4.57.6" in reason and "model.cuda()" in reason and "FASTHUG_UNVERIFIED_GPU=1" in reason
     assert capabilities.decide(Facts(transformers_version="5.23.0", device_kinds=frozenset({"cuda"})), "load").fast
+
+
+@pytest.mark.parametrize("stage", ["call", "load"])
+def test_4_57_streams_to_cuda_once_the_unverified_gpu_paths_are_opted_in(stage, monkeypatch):
+    cuda = frozenset({"cuda", "cpu"})
+    monkeypatch.setenv("FASTHUG_UNVERIFIED_GPU", "1")
+    assert capabilities.decide(Facts(transformers_version="4.57.6", device_kinds=cuda), stage).fast
+    older = capabilities.decide(Facts(transformers_version="4.56.2", device_kinds=cuda), stage)
+    assert not older.fast and "4.57 or 5.x" in older.reason
+    monkeypatch.setenv("FASTHUG_UNVERIFIED_GPU", "0")
+    assert not capabilities.decide(Facts(transformers_version="4.57.6", device_kinds=cuda), stage).fast
 
 
 def test_untested_version_can_be_opted_in(monkeypatch):
@@ -148,7 +163,8 @@ def test_device_kinds():
     assert capabilities.device_kinds("auto") == {"auto"}
 
 
-def test_explain_without_loading(tiny):
+def test_explain_without_loading(tiny, monkeypatch):
+    monkeypatch.delenv("FASTHUG_UNVERIFIED_GPU", raising=False)
     assert fasthug_patch.explain(tiny).fast
     explanation = fasthug_patch.explain(tiny, device_map="mps")
     assert not explanation.fast and "mps" in str(explanation)

@@ -12,8 +12,8 @@ import torch
 import transformers
 
 import fasthug_patch
-from fasthug_patch import device_move
-from tests.architectures import IS_V5, catalogue, get, representative
+from fasthug_patch import capabilities, device_move
+from tests.architectures import catalogue, get, representative
 from tests.parity import (
     assert_matches_stock,
     assert_same_model,
@@ -30,6 +30,11 @@ from tests.parity import (
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 GPU_ARCHES = [a for a in catalogue() if a.supported()]
+# Whether device_map="cuda" streams on this line (5.x; 4.57 once FASTHUG_UNVERIFIED_GPU=1,
+# which scripts/gpu_quant.sh sets to check it), as the capability table says.
+STREAMS_CUDA = capabilities.decide(capabilities.Facts(transformers_version=transformers.__version__,
+                                                      device_kinds=frozenset({"cuda"})), "call").fast
+needs_streaming = pytest.mark.skipif(not STREAMS_CUDA, reason="device_map='cuda' loads stock on this line")
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -44,7 +49,7 @@ def fp32_checkpoints(tmp_path_factory):
     return checkpoint_builder(tmp_path_factory.mktemp("gpu_ckpts"))
 
 
-@pytest.mark.skipif(not IS_V5, reason="device_map='cuda' streams on 5.x (4.x loads it stock)")
+@needs_streaming
 @pytest.mark.parametrize("entry", GPU_ARCHES, ids=lambda a: a.name)
 def test_device_map_cuda_matches_stock(entry, fp32_checkpoints):
     outcome = load_both(entry, fp32_checkpoints(entry), device_map="cuda")
@@ -53,7 +58,7 @@ def test_device_map_cuda_matches_stock(entry, fp32_checkpoints):
         assert next(outcome.fast.parameters()).device.type == "cuda"
 
 
-@pytest.mark.skipif(not IS_V5, reason="device_map='cuda' streams on 5.x")
+@needs_streaming
 def test_most_architectures_stream_to_the_gpu(fp32_checkpoints):
     fast = []
     for entry in GPU_ARCHES:
@@ -64,7 +69,7 @@ def test_most_architectures_stream_to_the_gpu(fp32_checkpoints):
     assert sum(fast) >= 0.9 * len(fast), f"{sum(fast)}/{len(fast)} streamed"
 
 
-@pytest.mark.skipif(not IS_V5, reason="device_map='cuda' streams on 5.x")
+@needs_streaming
 @pytest.mark.parametrize("name", [entry.name for entry in representative()])
 @pytest.mark.parametrize("checkpoint_dtype, load_dtype", [
     (torch.float32, torch.bfloat16), (torch.float32, torch.float16), (torch.bfloat16, torch.float32),
@@ -77,8 +82,9 @@ def test_casts_on_the_gpu_match_stocks_cpu_casts(name, checkpoint_dtype, load_dt
     assert report_path(pair.report) == "fast"
 
 
-@pytest.mark.skipif(not IS_V5, reason="device_map='cuda' streams on 5.x")
-def test_nan_payloads_match_stock_after_a_gpu_cast(tmp_path):
+@needs_streaming
+@pytest.mark.parametrize("device_map", ["cuda", "cuda:0"])  # 4.57 casts on the CPU for the first, the GPU for the second
+def test_nan_payloads_match_stock_after_a_gpu_cast(tmp_path, device_map):
     entry = get("llama")
     path = build_checkpoint(entry, tmp_path / "nan", torch.float32)
 
@@ -94,21 +100,22 @@ def test_nan_payloads_match_stock_after_a_gpu_cast(tmp_path):
     poisoned.view(-1)[2] = float("nan")
     edit_safetensors(file, drop=[name], add={name: poisoned})
     for dtype in (torch.bfloat16, torch.float16):
-        pair = load_pair(entry, path, device_map="cuda", **dtype_kwargs(dtype))
-        assert_same_model(pair.stock, pair.fast, context=f"NaN {dtype}")
+        pair = load_pair(entry, path, device_map=device_map, **dtype_kwargs(dtype))
+        assert_same_model(pair.stock, pair.fast, context=f"NaN {dtype} {device_map}")
         assert report_path(pair.report) == "fast"
 
 
-@pytest.mark.skipif(not IS_V5, reason="device_map streams on 5.x")
+@needs_streaming
 @pytest.mark.parametrize("device_map", ["auto", "cuda:0", 0, "split"])
-def test_device_map_forms(device_map, fp32_checkpoints):
+@pytest.mark.parametrize("dtype", [None, torch.bfloat16])
+def test_device_map_forms(device_map, dtype, fp32_checkpoints):
     entry = get("llama")
     path = fp32_checkpoints(entry)
     if device_map == "split":  # embeddings, the first layer and the head on the GPU, the rest on the CPU
         device_map = {"model.embed_tokens": 0, "model.layers.0": 0, "model.layers.1": "cpu", "model.norm": "cpu",
                       "model.rotary_emb": "cpu", "lm_head": 0}
-    pair = load_pair(entry, path, device_map=device_map)
-    assert_same_model(pair.stock, pair.fast, context=f"device_map={device_map}")
+    pair = load_pair(entry, path, device_map=device_map, **(dtype_kwargs(dtype) if dtype else {}))
+    assert_same_model(pair.stock, pair.fast, context=f"device_map={device_map} dtype={dtype}")
     assert report_path(pair.report) == "fast"
 
 
@@ -147,7 +154,7 @@ def _peak_load(entry, path) -> tuple[int, int]:
     torch.cuda.synchronize()
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
-    model = load_model(entry, path, device_map="cuda")[0] if IS_V5 else load_model(entry, path)[0].cuda()
+    model = load_model(entry, path, device_map="cuda")[0] if STREAMS_CUDA else load_model(entry, path)[0].cuda()
     torch.cuda.synchronize()
     weights = sum(t.numel() * t.element_size() for t in model.state_dict().values())
     del model

@@ -370,6 +370,26 @@ def test_quantised_checkpoint_given_a_quantization_config(prequantised, name):
     assert _bnb_attributes(pair.stock) == _bnb_attributes(pair.fast)
 
 
+@needs_prequant_line
+@needs_verified_bnb
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("device_map", ["cuda", "cuda:0"])  # 4.57 reads the shard on the CPU, then on the GPU
+@pytest.mark.parametrize("name", ["int8", "nf4-double-bf16"])
+def test_quantised_checkpoint_on_the_gpu_loads_as_stock(prequantised, name, device_map):
+    """A pre-quantised checkpoint bound for a GPU: its tensors reach the quantizer's own
+    code where and as stock's do. Taken only with FASTHUG_UNVERIFIED_GPU=1 until this has
+    passed on a GPU (scripts/gpu_quant.sh); without it the load is stock's, saying why."""
+    pair = load_pair(transformers.AutoModelForCausalLM, prequantised[name], device_map=device_map)
+    if capabilities.gpu_path_allowed("bnb-prequantised-cuda"):
+        assert pair.report.path == "fast", pair.report
+    else:
+        assert pair.report.path == "fallback" and "FASTHUG_UNVERIFIED_GPU" in pair.report.reason, pair.report
+    assert all(p.device.type == "cuda" for p in pair.fast.parameters())
+    inputs = {"input_ids": torch.arange(8).view(1, 8).cuda()}
+    assert_same_pair(pair, inputs, context=f"pre-quantised {name} on {device_map}")
+    assert _bnb_attributes(pair.stock) == _bnb_attributes(pair.fast)
+
+
 # Architectures whose Linear layout differs from Llama's: multi-head latent attention with
 # routed + shared experts, experts stored fused (3-D, not Linear: left unquantised), state-
 # space layers, an image-text model with a vision tower, a seq2seq model with fp32-kept
@@ -484,11 +504,20 @@ def test_unverified_bitsandbytes_runs_stock():
     assert not missing.fast and "not installed" in missing.reason
 
 
-def test_bitsandbytes_on_a_gpu_runs_stock():
-    facts = Facts(transformers_version="5.23.0", quantization="bitsandbytes", quant_library="0.50.2",
-                  device_kinds=frozenset({"cuda"}))
+@pytest.mark.parametrize("version", ["5.23.0", "4.57.6"])
+@pytest.mark.parametrize("opted_in", [False, True], ids=["default", "FASTHUG_UNVERIFIED_GPU=1"])
+@pytest.mark.parametrize("pre_quantized", [False, True], ids=["on-the-fly", "pre-quantised"])
+def test_bitsandbytes_on_a_gpu(version, opted_in, pre_quantized, monkeypatch):
+    """On the fly stays stock on a GPU; a pre-quantised checkpoint is placed by the fast
+    path only once the GPU paths not yet run on a GPU are opted in, each time saying why."""
+    monkeypatch.setenv("FASTHUG_UNVERIFIED_GPU", "1" if opted_in else "0")
+    facts = Facts(transformers_version=version, quantization="bitsandbytes", quant_library="0.50.2",
+                  device_kinds=frozenset({"cuda"}), pre_quantized=pre_quantized)
     decision = capabilities.decide(facts, "load")
-    assert not decision.fast and decision.rule == "load-bnb-device"
+    assert decision.fast == (pre_quantized and opted_in), decision.reason
+    if not decision.fast:
+        assert decision.rule in ("load-bnb-device", "bnb-line")
+        assert ("FASTHUG_UNVERIFIED_GPU" in decision.reason) == pre_quantized, decision.reason
 
 
 @pytest.mark.parametrize("version, pre_quantized, fast, stages", [
@@ -596,7 +625,7 @@ def test_tensors_still_being_cast_are_assigned_after_the_quantised_ones():
             return super().result(timeout)
 
     class Engine:
-        def submit(self, source, dtype, device):
+        def submit(self, source, dtype, device, stock_casts_on_device=False):
             return CastUnderWay() if source.startswith("cast") else done(source)
 
     class Quantizer:

@@ -102,6 +102,20 @@ def test_a_nan_under_a_cast_is_redone_the_stock_way(standin, checkpoint):
     assert engine._streamers["cuda:0"].redone_for_nan == 1
 
 
+def test_a_nan_under_a_cast_stock_does_on_the_device_is_left_as_the_device_cast_it(standin, checkpoint):
+    """4.57 reading a shard on the GPU casts there: the device's NaN payloads are stock's,
+    so nothing is redone on the CPU (the stand-in's "device" cast is torch's CPU cast)."""
+    path, tensors = checkpoint
+    refs = CheckpointIndex().tensors([str(path)])
+    engine, _ = _engine(standin)
+    got = engine.submit(refs["big"], torch.float16, "cuda:0", stock_casts_on_device=True).result(timeout=30)
+    odd = engine.submit(refs["ids"], torch.float32, "cuda:0", stock_casts_on_device=True).result(timeout=30)
+    engine.close()
+    assert _same_bits(got, tensors["big"].to(torch.float16))
+    assert _same_bits(odd, tensors["ids"].to(torch.float32))  # not a float cast: stock's steps, in stock's order
+    assert engine._streamers["cuda:0"].redone_for_nan == 0
+
+
 def test_slot_reuse_waits_for_the_device(checkpoint):
     """One slot and a very slow device: every read must wait for the previous copy, or the
     copy would carry the next piece's bytes."""

@@ -111,30 +111,40 @@ class V4Adapter(V4LegacyAdapter):
     def _place_shard(self, call, shard, plan) -> None:
         mu = self.modeling_utils
         model, state_dict, quantizer = shard["model"], shard["state_dict"], shard["hf_quantizer"]
+        device_map = shard["device_map"]
         engine = call.materializer
+        reads_on = stock_tensor_device(device_map)
+        on_device = str(reads_on) != "cpu"  # stock reads and casts on the GPU, then places
         pending = []
         keep_fp32 = shard.get("keep_in_fp32_regex", shard.get("keep_in_fp32_modules"))
         for name, source in plan:
             _, dtype = mu._infer_parameter_dtype(model, name, state_dict[name], keep_fp32, quantizer)
-            pending.append((name, engine.submit(source, dtype, "cpu")))
+            quantised = quantizer is not None and quantizer.param_needs_quantization(model, name)
+            # A quantised tensor is handed to the quantizer where stock reads it; any other
+            # goes to its module's device, which stock moves it to after the cast.
+            target = reads_on if quantised else _param_device(device_map, name)
+            if on_device and str(target) == "cpu":
+                raise FastPathError(f"{name}: stock reads it on {reads_on} and moves it back to the CPU")
+            pending.append((name, quantised, target,
+                            engine.submit(source, dtype, target, stock_casts_on_device=on_device)))
         drop_bin = not shard["shard_file"].endswith(".safetensors") and "expected_keys" not in shard
         if quantizer is not None:  # it reads the quant-state views now: is their file still whole?
             call.index.check_unchanged([shard["shard_file"]])
         with _serializable_answered_once(quantizer):
             unready = []
-            for name, future in pending:
-                if quantizer is not None and quantizer.param_needs_quantization(model, name):
+            for name, quantised, target, future in pending:
+                if quantised:
                     # A pre-quantised tensor (the capability table admits no other): the quantizer
                     # places it, in stock's order, from the tensor as read.
-                    quantizer.create_quantized_param(model, future.result(), name,
-                                                     _param_device(shard["device_map"], name))
+                    quantizer.create_quantized_param(model, future.result(), name, _param_device(device_map, name))
                 elif future.done():
                     self._assign(model, name, future.result())
                 else:
-                    # Still being cast: assigned after the rest, in their own order, so the
-                    # quantised tensors are placed meanwhile (in 4.57's order lm_head and the
-                    # embeddings, the largest casts, come first). Each assignment sets one
-                    # parameter of its own module, so the order changes nothing else.
+                    # Still being cast (or copied to its device): assigned after the rest, in
+                    # their own order, so the quantised tensors are placed meanwhile (in 4.57's
+                    # order lm_head and the embeddings, the largest casts, come first). Each
+                    # assignment sets one parameter of its own module, so the order changes
+                    # nothing else.
                     unready.append((name, future))
                     continue
                 if drop_bin:  # as 4.57's stock: drop the loaded entry so its memory can go
@@ -204,14 +214,30 @@ def _always_true(*args, **kwargs) -> bool:
 
 
 def _param_device(device_map, name: str):
-    """The device stock's loop hands the quantizer for ``name``: the device map's entry for
-    the longest module prefix of the name (its regex, sorted the same way), "cpu" without one."""
+    """The device stock's loop places ``name`` on (and hands the quantizer): the device
+    map's entry for the longest module prefix of the name (its regex, sorted the same
+    way), "cpu" without one."""
     if device_map is None:
         return "cpu"
     match = re.search("|".join(re.escape(k) for k in sorted(device_map, reverse=True)), name)
     if match is None:
         raise FastPathError(f"{name} has no device in the device map")
     return device_map[match.group()]
+
+
+def stock_tensor_device(device_map):
+    """Where 4.57's shard loop reads a shard's tensors, and so casts them: the device given
+    for the whole model ("" in the device map) when it is not the CPU, as safe_open's
+    device. A torch.device without an index gives None there, which safe_open reads as
+    the CPU: device_map="cuda" casts on the CPU and "cuda:0" on the GPU. Mirrors stock's
+    lines; tests/test_v4_devices.py checks it against the device stock opens the file on."""
+    import torch
+
+    whole = device_map.get("") if device_map is not None else None
+    if whole is None or whole in ("cpu", torch.device("cpu")):
+        return "cpu"
+    reads_on = whole.index if isinstance(whole, torch.device) else whole
+    return "cpu" if reads_on is None else reads_on
 
 
 def _bind(wrapped, args, kwargs) -> dict:

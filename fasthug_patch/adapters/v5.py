@@ -120,6 +120,7 @@ class V5Adapter(Adapter):
             device_kinds=capabilities.device_kinds(getattr(load_config, "device_map", None)),
             quantization=(method := quant_method_of(quantizer)),
             quant_library=quant_library(method),
+            pre_quantized=bool(getattr(quantizer, "pre_quantized", False)) if quantizer is not None else None,
             tensor_parallel=getattr(load_config, "device_mesh", None) is not None,
             weights_format=_weights_format(files),
         )

@@ -39,7 +39,7 @@ from fasthug_patch.engine import devices, direct, host_memory, residency
 from fasthug_patch.engine.filler import FileFill, spans as _spans
 from fasthug_patch.engine.mapped import MappedFiles
 from fasthug_patch.engine.ring import shared_ring
-from fasthug_patch.engine.to_device import DeviceStreamer
+from fasthug_patch.engine.to_device import DeviceStreamer, to_device_as_stock
 from fasthug_patch.errors import CheckpointError, FastPathError, Unsupported
 from fasthug_patch.plan import TensorRef
 
@@ -394,14 +394,17 @@ class Materializer:
             self.tensors_cast -= 1
             self.bytes_read -= nbytes
 
-    def submit(self, source, dtype=None, device="cpu") -> Future:
-        """Schedule ``source`` (a TensorRef or a CPU torch.Tensor) as ``dtype`` on ``device``."""
+    def submit(self, source, dtype=None, device="cpu", stock_casts_on_device=False) -> Future:
+        """Schedule ``source`` (a TensorRef or a CPU torch.Tensor) as ``dtype`` on ``device``.
+        ``stock_casts_on_device``: for a GPU ``device``, whether the stock loader casts there
+        too (4.57 reading a shard on the GPU), rather than on the CPU before the copy: then
+        a NaN's payload is the device's, and the cast is not redone on the CPU."""
         if self._ahead and isinstance(source, TensorRef):
             claimed = self._claimed_ahead(source, dtype if str(device) in ("cpu", "None") else None)
             if claimed is not None:
                 return claimed
         if str(device) not in ("cpu", "None"):
-            return self._submit_to_device(source, dtype, device)
+            return self._submit_to_device(source, dtype, device, stock_casts_on_device)
         if isinstance(source, TensorRef):
             fill = self._fill_of(source.file)
             read_direct = self._direct.get(source.file)
@@ -423,7 +426,7 @@ class Materializer:
             return done
         return self._cast(source, None, dtype, None, None)
 
-    def _submit_to_device(self, source, dtype, device) -> Future:
+    def _submit_to_device(self, source, dtype, device, stock_casts_on_device=False) -> Future:
         streamer = self._streamer(device)
         with self._stats_lock:
             self.bytes_read += source.nbytes if isinstance(source, TensorRef) else source.numel() * source.element_size()
@@ -436,11 +439,11 @@ class Materializer:
                 direct = streamer.submit_direct(source)
                 if direct is not None:
                     return direct
-            return streamer.submit_ref(source, dtype, fill)
+            return streamer.submit_ref(source, dtype, fill, stock_casts_on_device)
         if (dtype is None or dtype == source.dtype) and source.device.type == "cpu" and source.is_contiguous():
             return streamer.submit_tensor(source)
         done: Future = Future()
-        done.set_result(source[...].to(device=streamer.backend.device, dtype=dtype))  # as stock does it
+        done.set_result(to_device_as_stock(source[...], streamer.backend.device, dtype, stock_casts_on_device))
         return done
 
     def _streamer(self, device) -> DeviceStreamer:

@@ -16,7 +16,9 @@ Parity with stock: stock's ``tensor.to(device, dtype)`` casts on the CPU, then c
 Float-to-float casts round the same on the device for every finite value and infinity;
 only NaN payloads may differ, so each cast piece also folds ``isnan(src).any()`` into a
 device flag, and a tensor that had a NaN is redone the stock way (CPU cast, then copy).
-Casts between other dtypes are done the stock way from the start.
+Where stock casts on the device itself (4.57 reading a shard on the GPU), the device's cast
+is stock's, NaNs included, and nothing is redone. Casts between other dtypes are done the
+stock way from the start.
 """
 
 from __future__ import annotations
@@ -33,6 +35,15 @@ from fasthug_patch.engine.mapped import SharedReadMapping
 from fasthug_patch.errors import CheckpointError
 
 _FLOATS = ("float16", "bfloat16", "float32", "float64")
+
+
+def to_device_as_stock(tensor, device, dtype, stock_casts_on_device=False):
+    """What the stock loader does with a tensor bound for ``device`` as ``dtype``: cast on
+    the CPU, then copy (5.x's ``.to(device, dtype)``), or copy, then cast on the device
+    (4.57 reading a shard on the GPU)."""
+    if stock_casts_on_device:
+        return tensor.to(device=device).to(dtype=dtype)
+    return tensor.to(device=device, dtype=dtype)
 
 
 def casts_on_device(src_dtype, dst_dtype) -> bool:
@@ -129,8 +140,10 @@ class DeviceStreamer:
         return self._ring
 
     # -- requests ---------------------------------------------------------------
-    def submit_ref(self, ref, dtype, fill=None) -> Future:
-        """Checkpoint tensor ``ref`` -> a device tensor of ``dtype`` (None: its own)."""
+    def submit_ref(self, ref, dtype, fill=None, stock_casts_on_device=False) -> Future:
+        """Checkpoint tensor ``ref`` -> a device tensor of ``dtype`` (None: its own).
+        ``stock_casts_on_device``: stock casts it on the device too, NaN payloads and all,
+        so a NaN is not a reason to redo the cast on the CPU."""
         src_dtype = ref.torch_dtype()
         dtype = dtype or src_dtype
 
@@ -146,7 +159,8 @@ class DeviceStreamer:
             self._pread(ref, data, 0)
             return data.view(src_dtype).view(ref.shape)
 
-        return self._submit(ref.name, tuple(ref.shape), None, src_dtype, dtype, ref.nbytes, read_into, read_whole)
+        return self._submit(ref.name, tuple(ref.shape), None, src_dtype, dtype, ref.nbytes, read_into, read_whole,
+                            stock_casts_on_device)
 
     def submit_direct(self, ref) -> Future | None:
         """A same-dtype tensor of a file that is in the page cache: DMA'd straight from a
@@ -222,10 +236,11 @@ class DeviceStreamer:
         return self._submit(label, tuple(tensor.shape), tuple(tensor.stride()), tensor.dtype, tensor.dtype, nbytes,
                             read_into, lambda: tensor)
 
-    def _submit(self, label, shape, stride, src_dtype, dtype, nbytes, read_into, read_whole) -> Future:
+    def _submit(self, label, shape, stride, src_dtype, dtype, nbytes, read_into, read_whole,
+                stock_casts_on_device=False) -> Future:
         self.tensors += 1
         if not casts_on_device(src_dtype, dtype) and src_dtype != dtype:
-            return self._stock_way(read_whole, dtype)
+            return self._stock_way(read_whole, dtype, stock_casts_on_device)
         self.backend.follow_current()
         dst = self.backend.device_empty(shape, dtype, stride)
         future: Future = Future()
@@ -233,7 +248,7 @@ class DeviceStreamer:
             future.set_result(dst)
             return future
         job = _Job(dst, src_dtype, read_into, read_whole)
-        if job.dst_bytes is None:
+        if job.dst_bytes is None and not stock_casts_on_device:
             import torch
 
             job.nan_seen = self.backend.device_empty((), torch.bool)
@@ -245,10 +260,10 @@ class DeviceStreamer:
             self._run(assembly, self._piece, job, start, length)
         return future
 
-    def _stock_way(self, read_whole, dtype) -> Future:
+    def _stock_way(self, read_whole, dtype, stock_casts_on_device=False) -> Future:
         future: Future = Future()
         try:
-            future.set_result(read_whole().to(device=self.backend.device, dtype=dtype))
+            future.set_result(to_device_as_stock(read_whole(), self.backend.device, dtype, stock_casts_on_device))
         except BaseException as exc:  # noqa: BLE001 - the caller's future carries it
             future.set_exception(exc)
         return future
@@ -283,7 +298,8 @@ class DeviceStreamer:
         def work():
             backend.copy(scratch, host)
             dst.copy_(src)  # the cast, on the device
-            torch.logical_or(flag, torch.isnan(src).any(), out=flag)
+            if flag is not None:  # None: stock casts on the device too, NaNs and all
+                torch.logical_or(flag, torch.isnan(src).any(), out=flag)
 
         backend.enqueue(work)
         return backend.record()
