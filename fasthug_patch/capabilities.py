@@ -116,7 +116,7 @@ V4_STREAMED_FROM = (4, 57)
 # GPU paths written and tested on CPU with the stand-in device but not yet run on a GPU:
 # taken only with FASTHUG_UNVERIFIED_GPU=1 until tests/test_gpu.py has passed on one
 # (scripts/gpu_bench.sh and gpu_quant.sh set it), then moved out of this set.
-UNVERIFIED_GPU = frozenset({"v4-cuda", "bnb-prequantised-cuda"})
+UNVERIFIED_GPU = frozenset({"v4-cuda", "bnb-prequantised-cuda", "bnb-on-the-fly-cuda"})
 
 
 def gpu_path_allowed(path: str) -> bool:
@@ -148,26 +148,27 @@ def _device_reason(f: Facts, also=frozenset()) -> str:
     return f"device_map places weights on {kinds}; the fast path covers CPU and CUDA targets"
 
 
+def _bnb_gpu_path(f: Facts) -> str:
+    return "bnb-prequantised-cuda" if f.pre_quantized else "bnb-on-the-fly-cuda"
+
+
 def _bnb_on_gpu_stock(f: Facts) -> bool:
-    """bitsandbytes with weights bound for a GPU: a pre-quantised checkpoint is placed
+    """bitsandbytes with weights bound for a GPU. A pre-quantised checkpoint is placed
     where the stock loader streams to CUDA (its tensors are handed to the quantizer's own
-    code as stock hands them); quantising on the fly stays stock there, since stock loads
-    those weights one at a time to keep full-precision copies from piling up on the GPU."""
+    code as stock hands them); quantising on the fly on 5.x reads ahead of stock's
+    quantize op within a byte budget (lookahead.py), where stock reads one weight at a
+    time so that full-precision copies never pile up on the GPU."""
     if f.quantization != BNB or not (f.device_kinds - {"cpu"}):
         return False
-    return not (f.pre_quantized and _streams_cuda(f) and not _devices_not_streamed(f, {"auto"})
-                and gpu_path_allowed("bnb-prequantised-cuda"))
+    return not (_streams_cuda(f) and not _devices_not_streamed(f, {"auto"}) and gpu_path_allowed(_bnb_gpu_path(f)))
 
 
 def _bnb_on_gpu_reason(f: Facts) -> str:
     devices = sorted(f.device_kinds - {"cpu"})
-    if not f.pre_quantized:
-        return (f"bitsandbytes quantising on the fly with weights on {devices} loads through the stock loader (one "
-                "weight at a time, so full-precision copies never pile up on the GPU); the fast path quantises on "
-                "CPU targets, and places pre-quantised checkpoints on CUDA")
-    if not gpu_path_allowed("bnb-prequantised-cuda"):
-        return (f"a pre-quantised bitsandbytes checkpoint on {devices}: placing it on the GPU is written but not yet "
-                f"checked on a GPU; set {settings.UNVERIFIED_GPU_VAR}=1 to try it")
+    kind = "a pre-quantised bitsandbytes checkpoint" if f.pre_quantized else "bitsandbytes quantising on the fly"
+    if not gpu_path_allowed(_bnb_gpu_path(f)):
+        return (f"{kind} with weights on {devices}: the fast path for it is written but not yet checked on a GPU; "
+                f"set {settings.UNVERIFIED_GPU_VAR}=1 to try it")
     return _device_reason(f, {"auto"})
 
 
@@ -304,7 +305,7 @@ RULES: list[Rule] = [
     ),
     Rule(
         "load-bnb-device", "load",
-        "bitsandbytes with weights placed on a GPU, except a pre-quantised checkpoint where CUDA is streamed",
+        "bitsandbytes with weights placed on a GPU where the line does not stream CUDA, or not yet opted in",
         _bnb_on_gpu_stock,
         _bnb_on_gpu_reason,
     ),

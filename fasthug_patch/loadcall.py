@@ -36,6 +36,7 @@ class LoadCall:
         self.casting = False  # a dtype was asked for
         self.dtype_asked = None  # what was asked for (a torch.dtype, "auto", a string, or None)
         self.quantizing = False  # bitsandbytes quantises weights as they load
+        self.quantize_lookahead = None  # GPU reads ahead of the quantizer (lookahead.Lookahead), made on first use
         self.model_class = None  # the class whose from_pretrained was called
 
     @property

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Issues 5 and 6 on a lent GPU, on the device's transformers 5.x and on a carried 4.57 (the
 # line fasthug's own ratios were measured against): first the GPU tests with the paths not
-# yet run on a GPU opted in (FASTHUG_UNVERIFIED_GPU=1: 4.57's device_map="cuda", pre-quantised
-# bitsandbytes checkpoints on CUDA), then the suite at 1b: S5g-* (pre-quantised checkpoints),
-# S6 (bf16 to the GPU), and S4g-* if asked (quantising on the fly stays stock on a GPU).
+# yet run on a GPU opted in (FASTHUG_UNVERIFIED_GPU=1: 4.57's device_map="cuda", bitsandbytes
+# to CUDA), then the suite at 1b: S5g-* (pre-quantised checkpoints), S4g-* (quantised on the
+# fly; 4.57 does that through stock) and S6 (bf16 to the GPU).
 # The GPU image has no bitsandbytes and no 4.57, so both travel as wheels (about 60 MB of
 # the 64 MiB a call may carry):
 #   here:   bash scripts/gpu_quant.sh fetch          # wheels into .whl/ (git-ignored)
@@ -41,7 +41,7 @@ run)
             | tee -a "$OUT/gpu_tests.log" | tail -3 || true
     done
     timeout "${2:-540}" "$PY" bench/suite.py run --python "$(command -v "$PY")" --python /tmp/fh_python457 \
-        --sizes 1b --scenarios "${SCENARIOS:-S5g-int8,S5g-nf4,S6}" -n 2 --warmup 1 --root "${ROOT:-.}" \
+        --sizes 1b --scenarios "${SCENARIOS:-S5g-int8,S5g-nf4,S4g-int8,S4g-nf4,S6}" -n 2 --warmup 1 --root "${ROOT:-.}" \
         2>&1 | grep -v "it/s\]" | tee "$OUT/suite.log" | grep -E "^==|time to ready|identical|path:|suite:" || true
     (cd "${ROOT:-.}" && tar czf "$OUT/results.tgz" bench/results docs/benchmarks.md 2>/dev/null) || true
     ls -la "$OUT"

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import math
 import sys
 
 from fasthug_patch import capabilities, loadcall
@@ -24,6 +25,7 @@ from fasthug_patch.capabilities import Facts
 from fasthug_patch.engine.materialize import needs_cast
 from fasthug_patch.entry import make_from_pretrained_wrapper
 from fasthug_patch.errors import FastPathError
+from fasthug_patch.plan import TensorRef
 
 # Set while stock convert_and_load runs for a fast load in this thread.
 _session: contextvars.ContextVar[loadcall.LoadCall | None] = contextvars.ContextVar("fasthug_v5", default=None)
@@ -90,6 +92,11 @@ class V5Adapter(Adapter):
             raise FastPathError("sharded materialisation reached the fast path")
         source = tensor.ref if isinstance(tensor, MappedSource) else tensor
         device = device if device is not None else "cpu"
+        if pool is None and call.quantizing and str(device) != "cpu":
+            # Quantising to a GPU: stock reads one weight at a time so that full-precision
+            # copies never pile up there; the engine reads ahead, within a budget.
+            return _gpu_lookahead(call).add(_device_bytes(source, dtype),
+                                            lambda: call.materializer.submit(source, dtype, device))
         if pool is None and call.quantizing and needs_cast(source, dtype):
             # Stock materialises on demand while it quantises, so that full-precision copies
             # never pile up; a cast makes one, so it waits for its turn here too.
@@ -174,6 +181,24 @@ def _quantize_in_pieces(quantizer, release_source):
         held.close()
 
     return restore
+
+
+def _gpu_lookahead(call):
+    from fasthug_patch import lookahead, settings
+
+    if call.quantize_lookahead is None:
+        slots, slot_bytes = settings.ring_shape()
+        call.quantize_lookahead = lookahead.Lookahead(slots * slot_bytes)  # as much as the staging ring holds
+    return call.quantize_lookahead
+
+
+def _device_bytes(source, dtype) -> int:
+    """The bytes ``source`` (a TensorRef or a tensor) takes on the device as ``dtype``
+    (None: its own)."""
+    import torch
+
+    own = source.torch_dtype() if isinstance(source, TensorRef) else source.dtype
+    return math.prod(source.shape) * torch.empty((), dtype=dtype or own).element_size()
 
 
 def _reads_bytes(mapping) -> bool:

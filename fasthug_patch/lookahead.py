@@ -1,0 +1,65 @@
+"""Tensors read ahead of a consumer that takes them one at a time, within a byte budget.
+
+Stock 5.x materialises weights on demand, one at a time, while it quantises on the fly:
+with a GPU target, reading ahead without bound would put the full-precision model on the
+GPU before the quantizer had shrunk any of it. Here each request is queued in the order
+the loader made it and handed back as a callable; taking one submits it (if it was not
+yet) and keeps the requests after it submitted while their bytes, together with those
+already submitted and not yet taken, fit the budget. So the engine reads ahead at its
+full parallelism, and at most ``budget`` bytes (plus the one being taken) wait on the
+device. One consumer thread (the loader's); a request taken out of order is submitted on
+the spot.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+
+@dataclass
+class _Request:
+    nbytes: int
+    submit: Callable  # () -> Future
+    future: object = None
+    taken: bool = False
+
+
+class Lookahead:
+    def __init__(self, budget: int) -> None:
+        self.budget = budget
+        self._requests: list[_Request] = []
+        self._next = 0  # the first request not yet submitted in order
+        self._ahead = 0  # bytes submitted and not yet taken
+        self.most_ahead = 0  # the high-water mark of _ahead (tests, report)
+
+    def add(self, nbytes: int, submit: Callable) -> Callable:
+        """Queue a request; returns the callable that takes its result."""
+        request = _Request(nbytes, submit)
+        self._requests.append(request)
+        return lambda: self._take(request)
+
+    def _take(self, request: _Request):
+        if request.future is None:
+            self._submit(request)
+        self._top_up()
+        try:
+            return request.future.result()
+        finally:
+            request.future, request.taken = None, True  # the consumer holds the tensor now, not us
+            self._ahead -= request.nbytes
+            self._top_up()
+
+    def _top_up(self) -> None:
+        while self._next < len(self._requests):
+            request = self._requests[self._next]
+            if request.future is None and not request.taken:
+                if self._ahead and self._ahead + request.nbytes > self.budget:
+                    return  # the first is always let through, however large
+                self._submit(request)
+            self._next += 1
+
+    def _submit(self, request: _Request) -> None:
+        request.future = request.submit()
+        self._ahead += request.nbytes
+        self.most_ahead = max(self.most_ahead, self._ahead)
