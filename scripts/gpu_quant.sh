@@ -7,10 +7,11 @@
 # The GPU image has no bitsandbytes and no 4.57, so both travel as wheels (about 60 MB of
 # the 64 MiB a call may carry):
 #   here:   bash scripts/gpu_quant.sh fetch          # wheels into .whl/ (git-ignored)
-#   there:  bash scripts/gpu_quant.sh run [SECONDS]  # with .whl carried; results in $OUT
+#   there:  bash scripts/gpu_quant.sh tests [SECONDS]  # with .whl carried: the GPU tests, both lines
+#   there:  bash scripts/gpu_quant.sh run [SECONDS]    # then the suite, in a second call; results in $OUT
 # PY names the interpreter (default python3), ROOT where results and docs go (default .).
 # On a machine without CUDA every GPU scenario is skipped, which is how this script is
-# checked without one: PY=.matrix/base/bin/python ROOT=/tmp/dry bash scripts/gpu_quant.sh run
+# checked without one: PY=.matrix/base/bin/python ROOT=/tmp/dry bash scripts/gpu_quant.sh tests (or run)
 set -eu
 PY=${PY:-python3}
 case "${1:-}" in
@@ -24,7 +25,7 @@ fetch)
         bitsandbytes==0.50.2 transformers==4.57.6 tokenizers==0.22.2 huggingface_hub==0.36.2
     du -sh .whl
     ;;
-run)
+tests|run)
     OUT=${OUT:-/tmp/gpu_out}; mkdir -p "$OUT"
     pip_install="$PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target"
     $pip_install /tmp/fh_bnb .whl/bitsandbytes-*.whl
@@ -35,11 +36,14 @@ run)
         "$(command -v "$PY")" > /tmp/fh_python457
     chmod +x /tmp/fh_python457
     export PYTHONPATH=$PWD:/tmp/fh_bnb PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 FASTHUG_UNVERIFIED_GPU=1
-    for python in "$(command -v "$PY")" /tmp/fh_python457; do
-        timeout "${TEST_SECONDS:-150}" "$python" -m pytest -q -p no:cacheprovider -o addopts="" tests/test_gpu.py \
-            tests/test_v4_devices.py tests/test_quant.py -k "gpu or GPU or cuda or v4_devices" 2>&1 \
-            | tee -a "$OUT/gpu_tests.log" | tail -3 || true
-    done
+    if [ "$1" = tests ]; then  # one call: about 150 s a line at most
+        for python in "$(command -v "$PY")" /tmp/fh_python457; do
+            timeout "${2:-270}" "$python" -m pytest -q -p no:cacheprovider -o addopts="" tests/test_gpu.py \
+                tests/test_v4_devices.py tests/test_quant.py tests/test_lookahead.py -k "gpu or GPU or cuda or v4_devices" \
+                2>&1 | tee -a "$OUT/gpu_tests.log" | tail -3 || true
+        done
+        exit 0
+    fi
     timeout "${2:-540}" "$PY" bench/suite.py run --python "$(command -v "$PY")" --python /tmp/fh_python457 \
         --sizes 1b --scenarios "${SCENARIOS:-S5g-int8,S5g-nf4,S4g-int8,S4g-nf4,S6}" -n 2 --warmup 1 --root "${ROOT:-.}" \
         2>&1 | grep -v "it/s\]" | tee "$OUT/suite.log" | grep -E "^==|time to ready|identical|path:|suite:" || true
@@ -47,7 +51,7 @@ run)
     ls -la "$OUT"
     ;;
 *)
-    echo "usage: bash scripts/gpu_quant.sh fetch | run [SECONDS]" >&2
+    echo "usage: bash scripts/gpu_quant.sh fetch | tests [SECONDS] | run [SECONDS]" >&2
     exit 2
     ;;
 esac
