@@ -115,7 +115,7 @@ V4_STREAMED_FROM = (4, 57)
 
 # GPU paths written and tested on CPU with the stand-in device but not yet run on a GPU:
 # taken only with FASTHUG_UNVERIFIED_GPU=1 until tests/test_gpu.py has passed on one
-# (scripts/gpu_bench.sh and gpu_quant.sh set it), then moved out of this set.
+# (scripts/gpu_quant.sh sets it there), then moved out of this set.
 UNVERIFIED_GPU = frozenset({"v4-cuda", "bnb-prequantised-cuda", "bnb-on-the-fly-cuda"})
 
 
