@@ -219,10 +219,16 @@ def _param_device(device_map, name: str):
     way), "cpu" without one."""
     if device_map is None:
         return "cpu"
-    match = re.search("|".join(re.escape(k) for k in sorted(device_map, reverse=True)), name)
+    match = _module_pattern(tuple(device_map)).search(name)
     if match is None:
         raise FastPathError(f"{name} has no device in the device map")
     return device_map[match.group()]
+
+
+@functools.lru_cache(maxsize=8)
+def _module_pattern(modules: tuple) -> re.Pattern:
+    """Stock's regex over a device map's module names (asked once per tensor, built once)."""
+    return re.compile("|".join(re.escape(k) for k in sorted(modules, reverse=True)))
 
 
 def stock_tensor_device(device_map):
