@@ -160,12 +160,17 @@ def _bnb_on_gpu_stock(f: Facts) -> bool:
     time so that full-precision copies never pile up on the GPU."""
     if f.quantization != BNB or not (f.device_kinds - {"cpu"}):
         return False
+    if not f.pre_quantized and adapter_line(f.transformers_version) not in _QUANT_LINES:
+        return True  # 4.57's on-the-fly path has no read-ahead bound for a GPU
     return not (_streams_cuda(f) and not _devices_not_streamed(f, {"auto"}) and gpu_path_allowed(_bnb_gpu_path(f)))
 
 
 def _bnb_on_gpu_reason(f: Facts) -> str:
     devices = sorted(f.device_kinds - {"cpu"})
     kind = "a pre-quantised bitsandbytes checkpoint" if f.pre_quantized else "bitsandbytes quantising on the fly"
+    if not f.pre_quantized and adapter_line(f.transformers_version) not in _QUANT_LINES:
+        return (f"{kind} with weights on {devices} loads through the stock loader on transformers "
+                f"{f.transformers_version}; the fast path quantises to a GPU on 5.x, and on the CPU from 4.57")
     if not gpu_path_allowed(_bnb_gpu_path(f)):
         return (f"{kind} with weights on {devices}: the fast path for it is written but not yet checked on a GPU; "
                 f"set {settings.UNVERIFIED_GPU_VAR}=1 to try it")
@@ -175,28 +180,22 @@ def _bnb_on_gpu_reason(f: Facts) -> str:
 BNB = "bitsandbytes"
 # Lines whose adapter routes bitsandbytes loads (quantize ops, pre-quantised tensors).
 _QUANT_LINES = ("v5",)
-# From this 4.x release the adapter also places pre-quantised bitsandbytes checkpoints: 4.57
-# hands each quantised tensor to the quantizer's create_quantized_param, and so do we. Older
-# lines ask check_quantized_param with other arguments; they stay stock.
+# From this 4.x release the adapter also routes bitsandbytes loads: 4.57 hands each quantised
+# tensor (pre-quantised, or full precision to quantise on the fly) to the quantizer's
+# create_quantized_param, and so do we. Older lines ask check_quantized_param with other
+# arguments; they stay stock.
 PREQUANTISED_FROM = (4, 57)
 
 
 def _bnb_on_stock_line(f: Facts) -> bool:
     if f.quantization != BNB or adapter_line(f.transformers_version) in _QUANT_LINES:
         return False
-    if version_tuple(f.transformers_version) < PREQUANTISED_FROM:
-        return True
-    # quantization_config passed without a config: whether the checkpoint was saved quantised
-    # (stock then ignores the passed config and loads it pre-quantised) is known at the load stage.
-    return f.pre_quantized is False
+    return version_tuple(f.transformers_version) < PREQUANTISED_FROM
 
 
 def _bnb_line_reason(f: Facts) -> str:
-    if version_tuple(f.transformers_version) >= PREQUANTISED_FROM:
-        return (f"bitsandbytes quantising on the fly loads through the stock loader on transformers "
-                f"{f.transformers_version}; the fast path quantises on 5.x (pre-quantised checkpoints are fast here)")
     return (f"bitsandbytes loads through the stock loader on transformers {f.transformers_version}; the fast path "
-            "quantises on 5.x and places pre-quantised checkpoints from 4.57")
+            "handles it from 4.57")
 
 
 def _bnb_verified(version: str | None) -> bool:
@@ -235,8 +234,7 @@ RULES: list[Rule] = [
         "with bitsandbytes only",
     ),
     Rule(
-        "bnb-line", "call+load",
-        "bitsandbytes before 5.x, except a pre-quantised checkpoint on 4.57 (known once its config is read)",
+        "bnb-line", "call+load", "bitsandbytes before 4.57",
         _bnb_on_stock_line,
         _bnb_line_reason,
     ),

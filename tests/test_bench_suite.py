@@ -26,7 +26,8 @@ def test_every_issue_scenario_is_listed():
 @pytest.mark.parametrize("key,info,size,skipped", [
     ("S1", CPU_5, "1b", False),
     ("S6", CPU_5, "1b", True),  # no GPU
-    ("S4-nf4", CPU_457, "1b", True),  # on the fly is stock on 4.x
+    ("S4-nf4", dict(CPU_457, bitsandbytes=True), "1b", False),  # 4.57 quantises on the fly on the CPU
+    ("S4-nf4", dict(CPU_457, transformers="4.56.2", bitsandbytes=True), "1b", True),  # before 4.57: stock
     ("S4-nf4", dict(CPU_5, bitsandbytes=True), "1b", False),
     ("S4-nf4", dict(CPU_5, bitsandbytes=False), "1b", True),
     ("S5-int8", dict(CPU_457, bitsandbytes=True), "1b", False),  # against stock 4.57
@@ -42,7 +43,7 @@ def test_every_issue_scenario_is_listed():
     ("S5g-nf4", dict(CPU_5, cuda=True, bitsandbytes=True), "1b", False),
     ("S5g-nf4", dict(CPU_5, cuda=True, bitsandbytes=False), "1b", True),  # a GPU image without bitsandbytes
     ("S4g-int8", dict(CPU_5, cuda=True), "1b", True),
-    ("S4g-int8", dict(CPU_457, cuda=True, bitsandbytes=True), "1b", True),  # on the fly is stock on 4.x
+    ("S4g-int8", dict(CPU_457, cuda=True, bitsandbytes=True), "1b", True),  # on the fly to a GPU is stock on 4.x
     ("S5g-int8", dict(CPU_457, cuda=True, bitsandbytes=True), "1b", False),  # against stock 4.57
     ("S5g-int8", CPU_457, "1b", True),
 ])

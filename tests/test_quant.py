@@ -25,6 +25,9 @@ from tests.tiny import tiny_llama_config
 bnb = pytest.importorskip("bitsandbytes")
 IS_V5 = capabilities.adapter_line(transformers.__version__) == "v5"
 needs_v5 = pytest.mark.skipif(not IS_V5, reason="the fast path quantises on transformers 5.x")
+# Lines whose fast path quantises on the fly on CPU targets: 5.x, and 4.57 (create_quantized_param).
+QUANTISES_ON_CPU = IS_V5 or capabilities.version_tuple(transformers.__version__) >= capabilities.PREQUANTISED_FROM
+needs_quantising_line = pytest.mark.skipif(not QUANTISES_ON_CPU, reason="the fast path quantises from 4.57")
 PLACES_PREQUANTISED = capabilities.version_tuple(transformers.__version__) >= capabilities.PREQUANTISED_FROM
 needs_prequant_line = pytest.mark.skipif(not PLACES_PREQUANTISED,
                                          reason="pre-quantised checkpoints are placed by the fast path from 4.57")
@@ -252,7 +255,7 @@ CONFIGS = {
 }
 
 
-@needs_v5
+@needs_quantising_line
 @needs_verified_bnb
 @pytest.mark.parametrize("name", sorted(CONFIGS))
 def test_quantised_load_matches_stock(llama_bf16, small_pieces, name):
@@ -286,11 +289,13 @@ def test_quantised_load_to_the_gpu_matches_stock(llama_bf16, name):
     assert _bnb_attributes(pair.fast), "nothing was quantised"
 
 
-@needs_v5
+@needs_quantising_line
 @needs_verified_bnb
 def test_quantised_sources_leave_the_process(llama_bf16, monkeypatch):
     """Each weight's checkpoint pages are unmapped once it is quantised: the release is
-    asked for every quantised Linear and finds its mapped view."""
+    asked for every quantised Linear and finds its mapped view (the checkpoint's dtype, so
+    that the weights are views: 4.57 would otherwise cast them to its bitsandbytes default,
+    float16, and the cast releases its source pages itself)."""
     from fasthug_patch.engine.mapped import MappedFiles
 
     found = []
@@ -299,12 +304,12 @@ def test_quantised_sources_leave_the_process(llama_bf16, monkeypatch):
     config = transformers.BitsAndBytesConfig(load_in_8bit=True)
     with fasthug_patch.enabled():
         model = transformers.AutoModelForCausalLM.from_pretrained(llama_bf16, quantization_config=config,
-                                                                  device_map="cpu")
+                                                                  device_map="cpu", **dtype_kwargs(torch.bfloat16))
     quantised = [m for m in model.modules() if isinstance(m, bnb.nn.Linear8bitLt)]
     assert quantised and found == [True] * len(quantised)
 
 
-@needs_v5
+@needs_quantising_line
 @needs_verified_bnb
 def test_no_quantize_threads_outlive_the_load(llama_bf16, small_pieces, monkeypatch):
     """The pieces run on the load's quantize workers, and those are gone when
@@ -325,7 +330,7 @@ def test_no_quantize_threads_outlive_the_load(llama_bf16, small_pieces, monkeypa
     assert not _quant_threads()
 
 
-@needs_v5
+@needs_quantising_line
 @needs_verified_bnb
 def test_quantised_load_with_a_cast(llama_bf16, small_pieces):
     """dtype=float16 over a bf16 checkpoint: the quantised weights are cast on demand."""
@@ -436,13 +441,12 @@ def arch_bf16(tmp_path_factory):
 @pytest.mark.parametrize("name", ["int8", "nf4-double-bf16"])
 @pytest.mark.parametrize("arch", QUANTISED_ARCHS)
 def test_quantised_architectures_match_stock(arch_bf16, tmp_path, arch, name):
-    """On the fly (fast on 5.x, stock on 4.57 with the reason), then the pre-quantised
-    checkpoint stock saves from that model (fast on both lines): the same model as stock,
-    quantised attributes included."""
+    """On the fly, then the pre-quantised checkpoint stock saves from that model (both fast
+    on both lines): the same model as stock, quantised attributes included."""
     entry = get(arch)
     config = transformers.BitsAndBytesConfig(**CONFIGS[name])
     pair = load_pair(entry, arch_bf16(arch), quantization_config=config, device_map="cpu")
-    assert pair.report.path == ("fast" if IS_V5 else "fallback"), pair.report
+    assert pair.report.path == "fast", pair.report
     assert_same_pair(pair, entry.make_inputs(pair.stock.config), context=f"{arch} {name} on the fly")
     assert _bnb_attributes(pair.stock) == _bnb_attributes(pair.fast)
     assert _bnb_attributes(pair.fast), "nothing was quantised"
@@ -463,14 +467,14 @@ def test_quantised_architectures_match_stock(arch_bf16, tmp_path, arch, name):
     assert _bnb_attributes(placed.stock) == _bnb_attributes(placed.fast)
 
 
-@pytest.mark.skipif(IS_V5 or not PLACES_PREQUANTISED, reason="4.57 quantises on the fly through stock")
+@needs_quantising_line
 @needs_verified_bnb
-def test_quantising_on_the_fly_through_a_model_class_is_stock_on_4x(llama_bf16):
-    """The same call over a bf16 checkpoint quantises on the fly, which 4.57 leaves to stock:
-    the load stage falls back, with the reason, and the model is stock's."""
+def test_quantising_on_the_fly_through_a_model_class(llama_bf16):
+    """Without an Auto class the config is read inside from_pretrained: the load stage
+    learns the checkpoint is full precision, and quantises it on the fast path."""
     config = transformers.BitsAndBytesConfig(**CONFIGS["int8"])
     pair = load_pair(transformers.LlamaForCausalLM, llama_bf16, quantization_config=config, device_map="cpu")
-    assert pair.report.path == "fallback" and "on the fly" in pair.report.reason, pair.report
+    assert pair.report.path == "fast", pair.report
     assert_same_pair(pair, {"input_ids": torch.arange(8).view(1, 8)}, context="int8 on the fly, model class")
     assert _bnb_attributes(pair.stock) == _bnb_attributes(pair.fast)
 
@@ -530,7 +534,7 @@ def test_unverified_bitsandbytes_runs_stock():
 def test_bitsandbytes_on_a_gpu(version, opted_in, pre_quantized, monkeypatch):
     """bitsandbytes to a GPU takes the fast path only once the GPU paths not yet run on a
     GPU are opted in (pre-quantised on 4.57 and 5.x, on the fly on 5.x; 4.57 quantises on
-    the fly through stock anywhere), each refusal saying why."""
+    the fly to a GPU through stock), each refusal saying why."""
     monkeypatch.setenv("FASTHUG_UNVERIFIED_GPU", "1" if opted_in else "0")
     facts = Facts(transformers_version=version, quantization="bitsandbytes", quant_library="0.50.2",
                   device_kinds=frozenset({"cuda"}), pre_quantized=pre_quantized)
@@ -538,16 +542,16 @@ def test_bitsandbytes_on_a_gpu(version, opted_in, pre_quantized, monkeypatch):
     line_quantises = pre_quantized or version.startswith("5.")
     assert decision.fast == (opted_in and line_quantises), decision.reason
     if not decision.fast:
-        assert decision.rule == ("load-bnb-device" if line_quantises else "bnb-line")
+        assert decision.rule == "load-bnb-device"
         assert ("FASTHUG_UNVERIFIED_GPU" in decision.reason) == line_quantises, decision.reason
 
 
 @pytest.mark.parametrize("version, pre_quantized, fast, stages", [
-    ("4.57.6", False, False, ("call", "load")),  # on the fly: stock
-    # quantization_config passed, no config: not known until the load stage, which decides
+    ("4.57.6", False, True, ("call", "load")),  # on the fly: create_quantized_param, kernels in pieces
     ("4.57.6", None, True, ("call",)),
     ("4.57.6", True, True, ("call", "load")),  # pre-quantised: placed by the fast path
     ("4.56.2", True, False, ("call", "load")),  # older lines ask check_quantized_param: stock
+    ("4.56.2", False, False, ("call", "load")),
     ("4.43.4", None, False, ("call",)),
     ("5.23.0", False, True, ("call", "load")),
 ])
@@ -651,6 +655,8 @@ def test_tensors_still_being_cast_are_assigned_after_the_quantised_ones():
             return CastUnderWay() if source.startswith("cast") else done(source)
 
     class Quantizer:
+        pre_quantized = True
+
         def param_needs_quantization(self, model, name):
             return name.startswith("q")
 

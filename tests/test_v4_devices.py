@@ -73,6 +73,8 @@ def _place(device_map, quantised=()):
             return future
 
     class Quantizer:
+        pre_quantized = True
+
         def param_needs_quantization(self, model, name):
             return name in quantised
 
@@ -121,3 +123,50 @@ def test_a_quantised_tensor_reaches_the_quantizer_as_stock_reads_it():
     requests, placed = _place({"": 0}, quantised={"model.layers.0.mlp.weight"})
     assert ("model.layers.0.mlp.weight", "0", True) in requests
     assert placed == [("model.layers.0.mlp.weight", "0")]
+
+
+def test_weights_quantised_on_the_fly_are_cast_a_bounded_way_ahead_of_the_quantizer(monkeypatch):
+    """4.57 quantises from float16: each bf16 weight is cast first. The casts start a little
+    ahead of the quantizer (so the two overlap) but never more than QUANTISE_AHEAD_BYTES
+    ahead, and each weight reaches create_quantized_param in stock's order."""
+    from fasthug_patch.adapters import v4
+
+    monkeypatch.setattr(v4, "QUANTISE_AHEAD_BYTES", 3 * 64 * 64 * 2)  # three weights' float16 copies
+    events = []
+
+    class Engine:
+        files = SimpleNamespace(release_view=lambda tensor: False)
+
+        def submit(self, source, dtype, device, stock_casts_on_device=False):
+            events.append(("cast", source.name))
+            future: Future = Future()
+            future.set_result(torch.zeros(source.shape, dtype=dtype))
+            return future
+
+    class Quantizer:
+        pre_quantized = False
+
+        def param_needs_quantization(self, model, name):
+            return True
+
+        def create_quantized_param(self, model, value, name, device):
+            events.append(("quantise", name))
+
+    refs = [SimpleNamespace(name=f"w{i}", shape=(64, 64), torch_dtype=lambda: torch.bfloat16) for i in range(8)]
+    monkeypatch.setattr(v4, "needs_cast", lambda source, dtype: True)
+    utils = SimpleNamespace(_infer_parameter_dtype=lambda *args: (True, torch.float16),
+                            _load_parameter_into_model=lambda model, name, tensor: None)
+    adapter = V4Adapter(SimpleNamespace(__version__="4.57.6"), utils)
+    model = torch.nn.Module()
+    call = SimpleNamespace(materializer=Engine(), index=SimpleNamespace(check_unchanged=lambda files: None))
+    shard = {"model": model, "state_dict": {ref.name: None for ref in refs}, "shard_file": "s.safetensors",
+             "hf_quantizer": Quantizer(), "device_map": None}
+    monkeypatch.setattr(v4, "_kept_by", lambda model, name, value: False)
+    adapter._place_shard(call, shard, [(ref.name, ref) for ref in refs])
+    assert [name for kind, name in events if kind == "quantise"] == [ref.name for ref in refs]
+    assert sorted(name for kind, name in events if kind == "cast") == sorted(ref.name for ref in refs)
+    for index, (kind, name) in enumerate(events):  # the one being quantised, and at most three more
+        casts = sum(1 for k, _ in events[: index + 1] if k == "cast")
+        quantised = sum(1 for k, _ in events[: index + 1] if k == "quantise")
+        assert casts - quantised <= 4, events
+    assert events[:3] == [("cast", "w0"), ("cast", "w1"), ("cast", "w2")], events  # it did read ahead

@@ -7,27 +7,37 @@ calls _load_state_dict_into_meta_model. That function, per tensor: reads the sli
 _infer_parameter_dtype for the target dtype, casts, makes it contiguous, moves it to its
 device and assigns it with _load_parameter_into_model.
 
-For the cases the capability table admits (CPU targets, no mesh, no FSDP rank juggling, no
-quantizer but a pre-quantised bitsandbytes checkpoint on 4.57) we do the same per-tensor
-steps with stock's own helpers for the dtype and the assignment (the quantizer's
-create_quantized_param for quantised tensors), but materialise every tensor of the shard in
-parallel through the engine first. Anything else calls the stock function unchanged.
+For the cases the capability table admits (CPU targets, and on 4.57 CUDA ones; no mesh, no
+FSDP rank juggling; no quantizer but bitsandbytes on 4.57, pre-quantised or quantised on the
+fly) we do the same per-tensor steps with stock's own helpers for the dtype and the
+assignment (the quantizer's create_quantized_param for quantised tensors, its kernels run in
+pieces when it quantises), but materialise the shard's tensors in parallel through the
+engine first, each on the device and cast where stock would. Anything else calls the stock
+function unchanged.
 """
 
 from __future__ import annotations
 
 import functools
 import inspect
+import math
 import re
 from contextlib import contextmanager
 
-from fasthug_patch import capabilities, loadcall
+from fasthug_patch import capabilities, loadcall, lookahead, quant
 from fasthug_patch.adapters.base import PatchTarget, quant_library, quant_method_of
 from fasthug_patch.adapters.sources import check_bin_tensors
 from fasthug_patch.adapters.v4_legacy import V4LegacyAdapter
 from fasthug_patch.capabilities import Facts, version_tuple
+from fasthug_patch.engine.materialize import needs_cast
 from fasthug_patch.entry import make_from_pretrained_wrapper
 from fasthug_patch.errors import FastPathError
+
+
+# Full-precision copies cast ahead of the quantizer when quantising on the fly (4.57 casts
+# each weight to float16 first): enough for the next weights' casts to run while one is
+# quantised, little beside the model.
+QUANTISE_AHEAD_BYTES = 256 << 20
 
 
 class V4Adapter(V4LegacyAdapter):
@@ -105,7 +115,9 @@ class V4Adapter(V4LegacyAdapter):
         return plan
 
     def _load_shard(self, call, shard, plan) -> None:
-        with _submodules_memoised(shard["model"]):
+        quantizer = shard["hf_quantizer"]
+        on_the_fly = quantizer is not None and not quantizer.pre_quantized
+        with _submodules_memoised(shard["model"]), _quantize_workers(on_the_fly):
             self._place_shard(call, shard, plan)
 
     def _place_shard(self, call, shard, plan) -> None:
@@ -117,6 +129,8 @@ class V4Adapter(V4LegacyAdapter):
         on_device = str(reads_on) != "cpu"  # stock reads and casts on the GPU, then places
         pending = []
         keep_fp32 = shard.get("keep_in_fp32_regex", shard.get("keep_in_fp32_modules"))
+        on_the_fly = quantizer is not None and not quantizer.pre_quantized
+        ahead = lookahead.Lookahead(QUANTISE_AHEAD_BYTES) if on_the_fly else None
         for name, source in plan:
             _, dtype = mu._infer_parameter_dtype(model, name, state_dict[name], keep_fp32, quantizer)
             quantised = quantizer is not None and quantizer.param_needs_quantization(model, name)
@@ -125,17 +139,33 @@ class V4Adapter(V4LegacyAdapter):
             target = reads_on if quantised else _param_device(device_map, name)
             if on_device and str(target) == "cpu":
                 raise FastPathError(f"{name}: stock reads it on {reads_on} and moves it back to the CPU")
-            pending.append((name, quantised, target,
-                            engine.submit(source, dtype, target, stock_casts_on_device=on_device)))
+            if quantised and on_the_fly and needs_cast(source, dtype):
+                # A full-precision copy that the quantizer only reads: cast a little ahead of
+                # its turn (4.57 quantises from float16 by default), so that casting overlaps
+                # quantising while such copies stay within QUANTISE_AHEAD_BYTES.
+                future = _Taken(ahead.add(math.prod(source.shape) * _itemsize(dtype), functools.partial(
+                    engine.submit, source, dtype, target, stock_casts_on_device=on_device)))
+            else:
+                future = engine.submit(source, dtype, target, stock_casts_on_device=on_device)
+            pending.append((name, quantised, target, future))
         drop_bin = not shard["shard_file"].endswith(".safetensors") and "expected_keys" not in shard
         if quantizer is not None:  # it reads the quant-state views now: is their file still whole?
             call.index.check_unchanged([shard["shard_file"]])
         with _serializable_answered_once(quantizer):
             unready = []
             for name, quantised, target, future in pending:
-                if quantised:
-                    # A pre-quantised tensor (the capability table admits no other): the quantizer
-                    # places it, in stock's order, from the tensor as read.
+                if quantised and on_the_fly:
+                    # Quantised as stock does it (the quantizer's own code), its bitsandbytes
+                    # kernel run in parallel pieces (quant.py); then the checkpoint pages it
+                    # was read from leave the process, unless the parameter kept them.
+                    value = future.result()
+                    with quant.chunked_kernels():
+                        quantizer.create_quantized_param(model, value, name, _param_device(device_map, name))
+                    if not _kept_by(model, name, value):
+                        engine.files.release_view(value)
+                elif quantised:
+                    # A pre-quantised tensor: the quantizer places it, in stock's order, from
+                    # the tensor as read.
                     quantizer.create_quantized_param(model, future.result(), name, _param_device(device_map, name))
                 elif future.done():
                     self._assign(model, name, future.result())
@@ -161,6 +191,43 @@ class V4Adapter(V4LegacyAdapter):
             return
         module, param_type = mu.get_module_from_name(model, name)  # 4.50's inline form
         module.load_state_dict({param_type: tensor}, strict=False, assign=True)
+
+
+class _Taken:
+    """A lookahead request, asked for like a Future by the placement loop."""
+
+    def __init__(self, take) -> None:
+        self.result = take
+
+    def done(self) -> bool:
+        return False  # only the quantizer reads it, when its turn comes
+
+
+def _itemsize(dtype) -> int:
+    import torch
+
+    return torch.empty((), dtype=dtype).element_size()
+
+
+@contextmanager
+def _quantize_workers(active: bool):
+    """The quantize workers (quant.quantize_pool) for the span of a shard quantised on the
+    fly, so that every weight's kernel pieces share them instead of each starting its own."""
+    if not active:
+        yield
+        return
+    with quant.quantize_pool():
+        yield
+
+
+def _kept_by(model, name: str, value) -> bool:
+    """Whether the parameter the quantizer made for ``name`` still uses ``value``'s memory."""
+    module_name, _, attribute = name.rpartition(".")
+    try:
+        placed = getattr(model.get_submodule(module_name), attribute)
+    except AttributeError:
+        return True  # not found: keep the source, to be safe
+    return placed is not None and placed.untyped_storage().data_ptr() == value.untyped_storage().data_ptr()
 
 
 @contextmanager
