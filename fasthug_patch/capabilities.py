@@ -153,24 +153,19 @@ def _bnb_gpu_path(f: Facts) -> str:
 
 
 def _bnb_on_gpu_stock(f: Facts) -> bool:
-    """bitsandbytes with weights bound for a GPU. A pre-quantised checkpoint is placed
-    where the stock loader streams to CUDA (its tensors are handed to the quantizer's own
-    code as stock hands them); quantising on the fly on 5.x reads ahead of stock's
-    quantize op within a byte budget (lookahead.py), where stock reads one weight at a
-    time so that full-precision copies never pile up on the GPU."""
+    """bitsandbytes with weights bound for a GPU, where CUDA is streamed. A pre-quantised
+    checkpoint's tensors are handed to the quantizer's own code as stock hands them;
+    quantising on the fly reads ahead of stock's quantize op (5.x) or create_quantized_param
+    (4.57) within a byte budget (lookahead.py), where stock reads one weight at a time so
+    that full-precision copies never pile up on the GPU."""
     if f.quantization != BNB or not (f.device_kinds - {"cpu"}):
         return False
-    if not f.pre_quantized and adapter_line(f.transformers_version) not in _QUANT_LINES:
-        return True  # 4.57's on-the-fly path has no read-ahead bound for a GPU
     return not (_streams_cuda(f) and not _devices_not_streamed(f, {"auto"}) and gpu_path_allowed(_bnb_gpu_path(f)))
 
 
 def _bnb_on_gpu_reason(f: Facts) -> str:
     devices = sorted(f.device_kinds - {"cpu"})
     kind = "a pre-quantised bitsandbytes checkpoint" if f.pre_quantized else "bitsandbytes quantising on the fly"
-    if not f.pre_quantized and adapter_line(f.transformers_version) not in _QUANT_LINES:
-        return (f"{kind} with weights on {devices} loads through the stock loader on transformers "
-                f"{f.transformers_version}; the fast path quantises to a GPU on 5.x, and on the CPU from 4.57")
     if not gpu_path_allowed(_bnb_gpu_path(f)):
         return (f"{kind} with weights on {devices}: the fast path for it is written but not yet checked on a GPU; "
                 f"set {settings.UNVERIFIED_GPU_VAR}=1 to try it")

@@ -3,7 +3,7 @@
 # line fasthug's own ratios were measured against): first the GPU tests with the paths not
 # yet run on a GPU opted in (FASTHUG_UNVERIFIED_GPU=1: 4.57's device_map="cuda", bitsandbytes
 # to CUDA), then the suite at 1b: S5g-* (pre-quantised checkpoints), S4g-* (quantised on the
-# fly; 4.57 does that through stock) and S6 (bf16 to the GPU).
+# fly) and S6 (bf16 to the GPU).
 # The GPU image has no bitsandbytes and no 4.57, so both travel as wheels (about 60 MB of
 # the 64 MiB a call may carry):
 #   here:   bash scripts/gpu_quant.sh fetch          # wheels into .whl/ (git-ignored)

@@ -15,6 +15,7 @@ import transformers
 from fasthug_patch.adapters.v4 import V4Adapter, stock_tensor_device
 from fasthug_patch.capabilities import V4_STREAMED_FROM, version_tuple
 from fasthug_patch.errors import FastPathError
+from fasthug_patch.plan import TensorRef
 
 DEVICE_MAPS = {
     "none": None,
@@ -125,10 +126,12 @@ def test_a_quantised_tensor_reaches_the_quantizer_as_stock_reads_it():
     assert placed == [("model.layers.0.mlp.weight", "0")]
 
 
-def test_weights_quantised_on_the_fly_are_cast_a_bounded_way_ahead_of_the_quantizer(monkeypatch):
-    """4.57 quantises from float16: each bf16 weight is cast first. The casts start a little
-    ahead of the quantizer (so the two overlap) but never more than QUANTISE_AHEAD_BYTES
-    ahead, and each weight reaches create_quantized_param in stock's order."""
+@pytest.mark.parametrize("device_map, cast", [(None, True), ({"": 0}, False)], ids=["cast-on-cpu", "read-on-gpu"])
+def test_weights_quantised_on_the_fly_are_read_a_bounded_way_ahead_of_the_quantizer(monkeypatch, device_map, cast):
+    """4.57 quantises from float16: each bf16 weight is cast first; with a GPU it reads on,
+    each weight is copied there first. Either way the copies start a little ahead of the
+    quantizer (so the two overlap) but never more than QUANTISE_AHEAD_BYTES ahead, and each
+    weight reaches create_quantized_param in stock's order."""
     from fasthug_patch.adapters import v4
 
     monkeypatch.setattr(v4, "QUANTISE_AHEAD_BYTES", 3 * 64 * 64 * 2)  # three weights' float16 copies
@@ -152,15 +155,15 @@ def test_weights_quantised_on_the_fly_are_cast_a_bounded_way_ahead_of_the_quanti
         def create_quantized_param(self, model, value, name, device):
             events.append(("quantise", name))
 
-    refs = [SimpleNamespace(name=f"w{i}", shape=(64, 64), torch_dtype=lambda: torch.bfloat16) for i in range(8)]
-    monkeypatch.setattr(v4, "needs_cast", lambda source, dtype: True)
+    refs = [TensorRef("m.safetensors", f"w{i}", "F16", (64, 64), 0, 64 * 64 * 2) for i in range(8)]
+    monkeypatch.setattr(v4, "needs_cast", lambda source, dtype: cast)
     utils = SimpleNamespace(_infer_parameter_dtype=lambda *args: (True, torch.float16),
                             _load_parameter_into_model=lambda model, name, tensor: None)
     adapter = V4Adapter(SimpleNamespace(__version__="4.57.6"), utils)
     model = torch.nn.Module()
     call = SimpleNamespace(materializer=Engine(), index=SimpleNamespace(check_unchanged=lambda files: None))
     shard = {"model": model, "state_dict": {ref.name: None for ref in refs}, "shard_file": "s.safetensors",
-             "hf_quantizer": Quantizer(), "device_map": None}
+             "hf_quantizer": Quantizer(), "device_map": device_map}
     monkeypatch.setattr(v4, "_kept_by", lambda model, name, value: False)
     adapter._place_shard(call, shard, [(ref.name, ref) for ref in refs])
     assert [name for kind, name in events if kind == "quantise"] == [ref.name for ref in refs]

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import functools
 import inspect
-import math
 import re
 from contextlib import contextmanager
 
@@ -29,7 +28,7 @@ from fasthug_patch.adapters.base import PatchTarget, quant_library, quant_method
 from fasthug_patch.adapters.sources import check_bin_tensors
 from fasthug_patch.adapters.v4_legacy import V4LegacyAdapter
 from fasthug_patch.capabilities import Facts, version_tuple
-from fasthug_patch.engine.materialize import needs_cast
+from fasthug_patch.engine.materialize import needs_cast, result_bytes
 from fasthug_patch.entry import make_from_pretrained_wrapper
 from fasthug_patch.errors import FastPathError
 
@@ -139,12 +138,13 @@ class V4Adapter(V4LegacyAdapter):
             target = reads_on if quantised else _param_device(device_map, name)
             if on_device and str(target) == "cpu":
                 raise FastPathError(f"{name}: stock reads it on {reads_on} and moves it back to the CPU")
-            if quantised and on_the_fly and needs_cast(source, dtype):
-                # A full-precision copy that the quantizer only reads: cast a little ahead of
-                # its turn (4.57 quantises from float16 by default), so that casting overlaps
-                # quantising while such copies stay within QUANTISE_AHEAD_BYTES.
-                future = _Taken(ahead.add(math.prod(source.shape) * _itemsize(dtype), functools.partial(
-                    engine.submit, source, dtype, target, stock_casts_on_device=on_device)))
+            if quantised and on_the_fly and (on_device or needs_cast(source, dtype)):
+                # A full-precision copy that the quantizer only reads (cast: 4.57 quantises
+                # from float16 by default; or read onto the GPU): made a little ahead of its
+                # turn, so that reading and casting overlap quantising while such copies stay
+                # within QUANTISE_AHEAD_BYTES, on the GPU too.
+                submit = functools.partial(engine.submit, source, dtype, target, stock_casts_on_device=on_device)
+                future = _Taken(ahead.add(result_bytes(source, dtype), submit))
             else:
                 future = engine.submit(source, dtype, target, stock_casts_on_device=on_device)
             pending.append((name, quantised, target, future))
@@ -201,12 +201,6 @@ class _Taken:
 
     def done(self) -> bool:
         return False  # only the quantizer reads it, when its turn comes
-
-
-def _itemsize(dtype) -> int:
-    import torch
-
-    return torch.empty((), dtype=dtype).element_size()
 
 
 @contextmanager

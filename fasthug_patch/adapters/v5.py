@@ -15,17 +15,15 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import math
 import sys
 
 from fasthug_patch import capabilities, loadcall
 from fasthug_patch.adapters.base import Adapter, PatchTarget, quant_library, quant_method_of
 from fasthug_patch.adapters.sources import MappedSource, check_bin_tensors
 from fasthug_patch.capabilities import Facts
-from fasthug_patch.engine.materialize import needs_cast
+from fasthug_patch.engine.materialize import needs_cast, result_bytes
 from fasthug_patch.entry import make_from_pretrained_wrapper
 from fasthug_patch.errors import FastPathError
-from fasthug_patch.plan import TensorRef
 
 # Set while stock convert_and_load runs for a fast load in this thread.
 _session: contextvars.ContextVar[loadcall.LoadCall | None] = contextvars.ContextVar("fasthug_v5", default=None)
@@ -95,7 +93,7 @@ class V5Adapter(Adapter):
         if pool is None and call.quantizing and str(device) != "cpu":
             # Quantising to a GPU: stock reads one weight at a time so that full-precision
             # copies never pile up there; the engine reads ahead, within a budget.
-            return _gpu_lookahead(call).add(_device_bytes(source, dtype),
+            return _gpu_lookahead(call).add(result_bytes(source, dtype),
                                             lambda: call.materializer.submit(source, dtype, device))
         if pool is None and call.quantizing and needs_cast(source, dtype):
             # Stock materialises on demand while it quantises, so that full-precision copies
@@ -190,15 +188,6 @@ def _gpu_lookahead(call):
         slots, slot_bytes = settings.ring_shape()
         call.quantize_lookahead = lookahead.Lookahead(slots * slot_bytes)  # as much as the staging ring holds
     return call.quantize_lookahead
-
-
-def _device_bytes(source, dtype) -> int:
-    """The bytes ``source`` (a TensorRef or a tensor) takes on the device as ``dtype``
-    (None: its own)."""
-    import torch
-
-    own = source.torch_dtype() if isinstance(source, TensorRef) else source.dtype
-    return math.prod(source.shape) * torch.empty((), dtype=dtype or own).element_size()
 
 
 def _reads_bytes(mapping) -> bool:

@@ -91,10 +91,8 @@ def skip_reason(scenario: Scenario, info: dict, size: str) -> str | None:
         return "needs a CUDA GPU; none on this machine"
     if (scenario.quant or scenario.prequantized) and not info.get("bitsandbytes"):
         return "needs bitsandbytes, not installed for this interpreter"
-    if scenario.quant and info["transformers"].startswith("4.") and (
-            "cuda" in scenario.device or version_tuple(info["transformers"]) < PREQUANTISED_FROM):
-        return ("the fast path quantises on the fly on 5.x, and from 4.57 on the CPU only: both columns would "
-                "be stock")
+    if scenario.quant and version_tuple(info["transformers"]) < PREQUANTISED_FROM:
+        return "the fast path quantises on the fly from 4.57: both columns would be stock"
     if (scenario.quant or scenario.prequantized) and size != "1b":
         return "quantised scenarios run at 1b"
     if scenario.key in ("D4", "F1") and not info["transformers"].startswith("4."):

@@ -28,6 +28,7 @@ torch's copy kernels and preadv release the GIL, so plain threads scale.
 
 from __future__ import annotations
 
+import math
 import os
 import threading
 import time
@@ -683,6 +684,15 @@ def _store_failed(share, exc: BaseException):
 
     return DistributedLoadError(f"rank {share.group.rank}: the job's store failed while the ranks shared the "
                                 f"reading ({type(exc).__name__}: {exc}); it stops rather than load weights never read")
+
+
+def result_bytes(source, dtype) -> int:
+    """The bytes ``source`` (a TensorRef or a torch.Tensor) takes once materialised as
+    ``dtype`` (None: its own)."""
+    import torch
+
+    own = source.torch_dtype() if isinstance(source, TensorRef) else source.dtype
+    return math.prod(source.shape) * torch.empty((), dtype=dtype or own).element_size()
 
 
 def needs_cast(source, dtype) -> bool:
