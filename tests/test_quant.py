@@ -672,8 +672,8 @@ def test_tensors_still_being_cast_are_assigned_after_the_quantised_ones():
     adapter = V4Adapter(SimpleNamespace(__version__="4.57.6"), utils)
     names = ["cast.lm_head", "cast.embed", "norm", "q.0", "q.1"]
     call = SimpleNamespace(materializer=Engine(), index=SimpleNamespace(check_unchanged=lambda files: None))
-    shard = {"model": object(), "state_dict": dict.fromkeys(names), "hf_quantizer": Quantizer(),
+    shard = {"model": torch.nn.Module(), "state_dict": dict.fromkeys(names), "hf_quantizer": Quantizer(),
              "device_map": None, "shard_file": "s.safetensors"}
-    adapter._place_shard(call, shard, [(name, name) for name in names])
+    adapter._load_shard(call, shard, [(name, name) for name in names])
     assert events == [("assigned", "norm"), ("quantised", "q.0"), ("quantised", "q.1"),
                       ("assigned", "cast.lm_head"), ("assigned", "cast.embed")]

@@ -87,9 +87,9 @@ def _place(device_map, quantised=()):
     adapter = V4Adapter(SimpleNamespace(__version__="4.57.6"), utils)
     names = ["model.embed_tokens.weight", "model.layers.0.mlp.weight", "lm_head.weight"]
     call = SimpleNamespace(materializer=Engine(), index=SimpleNamespace(check_unchanged=lambda files: None))
-    shard = {"model": object(), "state_dict": dict.fromkeys(names), "shard_file": "s.safetensors",
+    shard = {"model": torch.nn.Module(), "state_dict": dict.fromkeys(names), "shard_file": "s.safetensors",
              "hf_quantizer": Quantizer() if quantised else None, "device_map": device_map}
-    adapter._place_shard(call, shard, [(name, name) for name in names])
+    adapter._load_shard(call, shard, [(name, name) for name in names])
     return requests, placed
 
 
@@ -165,7 +165,7 @@ def test_weights_quantised_on_the_fly_are_read_a_bounded_way_ahead_of_the_quanti
     shard = {"model": model, "state_dict": {ref.name: None for ref in refs}, "shard_file": "s.safetensors",
              "hf_quantizer": Quantizer(), "device_map": device_map}
     monkeypatch.setattr(v4, "_kept_by", lambda model, name, value: False)
-    adapter._place_shard(call, shard, [(ref.name, ref) for ref in refs])
+    adapter._load_shard(call, shard, [(ref.name, ref) for ref in refs])
     assert [name for kind, name in events if kind == "quantise"] == [ref.name for ref in refs]
     assert sorted(name for kind, name in events if kind == "cast") == sorted(ref.name for ref in refs)
     for index, (kind, name) in enumerate(events):  # the one being quantised, and at most three more

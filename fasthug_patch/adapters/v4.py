@@ -117,19 +117,24 @@ class V4Adapter(V4LegacyAdapter):
         quantizer = shard["hf_quantizer"]
         on_the_fly = quantizer is not None and not quantizer.pre_quantized
         with _submodules_memoised(shard["model"]), _quantize_workers(on_the_fly):
-            self._place_shard(call, shard, plan)
+            pending = self._submit_shard(call, shard, plan, on_the_fly)
+            if quantizer is not None:  # it reads the quant-state views now: is their file still whole?
+                call.index.check_unchanged([shard["shard_file"]])
+            with _serializable_answered_once(quantizer):
+                self._place_shard(call, shard, pending, on_the_fly)
 
-    def _place_shard(self, call, shard, plan) -> None:
+    def _submit_shard(self, call, shard, plan, on_the_fly: bool) -> list:
+        """(name, quantised, future) per tensor: each asked of the engine on the device,
+        and as the dtype, stock's loop would give it."""
         mu = self.modeling_utils
         model, state_dict, quantizer = shard["model"], shard["state_dict"], shard["hf_quantizer"]
         device_map = shard["device_map"]
         engine = call.materializer
         reads_on = stock_tensor_device(device_map)
         on_device = str(reads_on) != "cpu"  # stock reads and casts on the GPU, then places
-        pending = []
         keep_fp32 = shard.get("keep_in_fp32_regex", shard.get("keep_in_fp32_modules"))
-        on_the_fly = quantizer is not None and not quantizer.pre_quantized
         ahead = lookahead.Lookahead(QUANTISE_AHEAD_BYTES) if on_the_fly else None
+        pending = []
         for name, source in plan:
             _, dtype = mu._infer_parameter_dtype(model, name, state_dict[name], keep_fp32, quantizer)
             quantised = quantizer is not None and quantizer.param_needs_quantization(model, name)
@@ -138,51 +143,53 @@ class V4Adapter(V4LegacyAdapter):
             target = reads_on if quantised else _param_device(device_map, name)
             if on_device and str(target) == "cpu":
                 raise FastPathError(f"{name}: stock reads it on {reads_on} and moves it back to the CPU")
+            submit = functools.partial(engine.submit, source, dtype, target, stock_casts_on_device=on_device)
             if quantised and on_the_fly and (on_device or needs_cast(source, dtype)):
                 # A full-precision copy that the quantizer only reads (cast: 4.57 quantises
                 # from float16 by default; or read onto the GPU): made a little ahead of its
                 # turn, so that reading and casting overlap quantising while such copies stay
                 # within QUANTISE_AHEAD_BYTES, on the GPU too.
-                submit = functools.partial(engine.submit, source, dtype, target, stock_casts_on_device=on_device)
-                future = _Taken(ahead.add(result_bytes(source, dtype), submit))
+                pending.append((name, quantised, _Taken(ahead.add(result_bytes(source, dtype), submit))))
             else:
-                future = engine.submit(source, dtype, target, stock_casts_on_device=on_device)
-            pending.append((name, quantised, target, future))
+                pending.append((name, quantised, submit()))
+        return pending
+
+    def _place_shard(self, call, shard, pending, on_the_fly: bool) -> None:
+        """Each tensor into the model as stock's loop places it: the quantizer's own
+        create_quantized_param for quantised ones, stock's assignment for the rest."""
+        model, state_dict, quantizer = shard["model"], shard["state_dict"], shard["hf_quantizer"]
+        device_map = shard["device_map"]
         drop_bin = not shard["shard_file"].endswith(".safetensors") and "expected_keys" not in shard
-        if quantizer is not None:  # it reads the quant-state views now: is their file still whole?
-            call.index.check_unchanged([shard["shard_file"]])
-        with _serializable_answered_once(quantizer):
-            unready = []
-            for name, quantised, target, future in pending:
-                if quantised and on_the_fly:
-                    # Quantised as stock does it (the quantizer's own code), its bitsandbytes
-                    # kernel run in parallel pieces (quant.py); then the checkpoint pages it
-                    # was read from leave the process, unless the parameter kept them.
-                    value = future.result()
-                    with quant.chunked_kernels():
-                        quantizer.create_quantized_param(model, value, name, _param_device(device_map, name))
-                    if not _kept_by(model, name, value):
-                        engine.files.release_view(value)
-                elif quantised:
-                    # A pre-quantised tensor: the quantizer places it, in stock's order, from
-                    # the tensor as read.
-                    quantizer.create_quantized_param(model, future.result(), name, _param_device(device_map, name))
-                elif future.done():
-                    self._assign(model, name, future.result())
-                else:
-                    # Still being cast (or copied to its device): assigned after the rest, in
-                    # their own order, so the quantised tensors are placed meanwhile (in 4.57's
-                    # order lm_head and the embeddings, the largest casts, come first). Each
-                    # assignment sets one parameter of its own module, so the order changes
-                    # nothing else.
-                    unready.append((name, future))
-                    continue
-                if drop_bin:  # as 4.57's stock: drop the loaded entry so its memory can go
-                    del state_dict[name]
-            for name, future in unready:
+        unready = []
+        for name, quantised, future in pending:
+            if quantised and on_the_fly:
+                # Quantised as stock does it (the quantizer's own code), its bitsandbytes
+                # kernel run in parallel pieces (quant.py); then the checkpoint pages it was
+                # read from leave the process, unless the parameter kept them.
+                value = future.result()
+                with quant.chunked_kernels():
+                    quantizer.create_quantized_param(model, value, name, _param_device(device_map, name))
+                if not _kept_by(model, name, value):
+                    call.materializer.files.release_view(value)
+            elif quantised:
+                # A pre-quantised tensor: the quantizer places it, in stock's order, from the
+                # tensor as read.
+                quantizer.create_quantized_param(model, future.result(), name, _param_device(device_map, name))
+            elif future.done():
                 self._assign(model, name, future.result())
-                if drop_bin:
-                    del state_dict[name]
+            else:
+                # Still being cast (or copied to its device): assigned after the rest, in their
+                # own order, so the quantised tensors are placed meanwhile (in 4.57's order
+                # lm_head and the embeddings, the largest casts, come first). Each assignment
+                # sets one parameter of its own module, so the order changes nothing else.
+                unready.append((name, future))
+                continue
+            if drop_bin:  # as 4.57's stock: drop the loaded entry so its memory can go
+                del state_dict[name]
+        for name, future in unready:
+            self._assign(model, name, future.result())
+            if drop_bin:
+                del state_dict[name]
 
     def _assign(self, model, name: str, tensor) -> None:
         mu = self.modeling_utils
