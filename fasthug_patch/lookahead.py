@@ -16,6 +16,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
+# How far full-precision weights may be read (and cast) ahead of a quantizer that takes them
+# one at a time: enough for the next weights' reads and casts to run while one is quantised,
+# little beside the model (bytes on the weights' device).
+QUANTISE_AHEAD_BYTES = 256 << 20
+
 
 @dataclass
 class _Request:

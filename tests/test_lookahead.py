@@ -13,6 +13,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from fasthug_patch import lookahead as lookahead_module
 from fasthug_patch.lookahead import Lookahead
 
 
@@ -88,10 +89,10 @@ def test_an_error_reaches_the_taker_and_the_rest_still_load():
     assert [float(takes[i]()[0]) for i in (1, 2)] == [1, 2]
 
 
-def test_quantising_to_a_gpu_reads_ahead_of_the_quantizer_within_the_ring(tmp_path, monkeypatch):
+def test_quantising_to_a_gpu_reads_ahead_of_the_quantizer_within_the_budget(tmp_path, monkeypatch):
     """The 5.x adapter's spawn_materialize while quantising on the fly to a device: each
     weight is a callable (stock's deferred form), the bytes come through the streamer, and
-    at most the ring's bytes wait ahead of the one being quantised."""
+    at most QUANTISE_AHEAD_BYTES wait ahead of the one being quantised."""
     from fasthug_patch.adapters import v5
     from fasthug_patch.adapters.sources import MappedSource
     from fasthug_patch.engine import devices, ring
@@ -99,7 +100,7 @@ def test_quantising_to_a_gpu_reads_ahead_of_the_quantizer_within_the_ring(tmp_pa
     from fasthug_patch.engine.to_device import DeviceStreamer
     from fasthug_patch.plan import CheckpointIndex
 
-    monkeypatch.setenv("FASTHUG_RING", "2x1")  # a 2 MiB budget
+    monkeypatch.setattr(lookahead_module, "QUANTISE_AHEAD_BYTES", 2 << 20)
     gen = torch.Generator().manual_seed(0)
     tensors = {f"w{i}": torch.randn(512, 512, generator=gen).to(torch.bfloat16) for i in range(12)}  # 0.5 MiB each
     save_file(tensors, str(tmp_path / "m.safetensors"))

@@ -134,7 +134,7 @@ def test_weights_quantised_on_the_fly_are_read_a_bounded_way_ahead_of_the_quanti
     weight reaches create_quantized_param in stock's order."""
     from fasthug_patch.adapters import v4
 
-    monkeypatch.setattr(v4, "QUANTISE_AHEAD_BYTES", 3 * 64 * 64 * 2)  # three weights' float16 copies
+    monkeypatch.setattr(v4.lookahead, "QUANTISE_AHEAD_BYTES", 3 * 64 * 64 * 2)  # three weights' float16 copies
     events = []
 
     class Engine:

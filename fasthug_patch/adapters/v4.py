@@ -33,12 +33,6 @@ from fasthug_patch.entry import make_from_pretrained_wrapper
 from fasthug_patch.errors import FastPathError
 
 
-# Full-precision copies cast ahead of the quantizer when quantising on the fly (4.57 casts
-# each weight to float16 first): enough for the next weights' casts to run while one is
-# quantised, little beside the model.
-QUANTISE_AHEAD_BYTES = 256 << 20
-
-
 class V4Adapter(V4LegacyAdapter):
     name = "v4"
 
@@ -133,7 +127,7 @@ class V4Adapter(V4LegacyAdapter):
         reads_on = stock_tensor_device(device_map)
         on_device = str(reads_on) != "cpu"  # stock reads and casts on the GPU, then places
         keep_fp32 = shard.get("keep_in_fp32_regex", shard.get("keep_in_fp32_modules"))
-        ahead = lookahead.Lookahead(QUANTISE_AHEAD_BYTES) if on_the_fly else None
+        ahead = lookahead.Lookahead(lookahead.QUANTISE_AHEAD_BYTES) if on_the_fly else None
         pending = []
         for name, source in plan:
             _, dtype = mu._infer_parameter_dtype(model, name, state_dict[name], keep_fp32, quantizer)
@@ -148,7 +142,7 @@ class V4Adapter(V4LegacyAdapter):
                 # A full-precision copy that the quantizer only reads (cast: 4.57 quantises
                 # from float16 by default; or read onto the GPU): made a little ahead of its
                 # turn, so that reading and casting overlap quantising while such copies stay
-                # within QUANTISE_AHEAD_BYTES, on the GPU too.
+                # within lookahead.QUANTISE_AHEAD_BYTES, on the GPU too.
                 pending.append((name, quantised, _Taken(ahead.add(result_bytes(source, dtype), submit))))
             else:
                 pending.append((name, quantised, submit()))
