@@ -409,3 +409,16 @@ def test_the_process_exits_only_after_a_ring_warm_up_ends(tmp_path):
                           cwd=str(pathlib.Path(__file__).resolve().parents[1]))
     assert done.returncode == 0, done.stderr
     assert marker.read_text() == "ring pinned"
+
+
+@pytest.mark.parametrize("device_map, names", [
+    ("cuda", {"cuda:1"}), ("cuda:0", {"cuda:0"}), (0, {"cuda:0"}), (torch.device("cuda"), {"cuda:1"}),
+    ("auto", {"cuda:1"}), ("cpu", set()), (None, set()), (True, set()),
+    ({"model": 0, "lm_head": "cpu", "norm": "cuda:2", "x": "disk"}, {"cuda:0", "cuda:2"}),
+])
+def test_the_devices_a_ring_is_warmed_for(device_map, names, monkeypatch):
+    """Every spelling of a CUDA device in a device map names one ring, indexed ("cuda" and
+    "auto" are the current device, 1 here); CPU and disk entries name none."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    assert ring.cuda_devices(device_map) == names

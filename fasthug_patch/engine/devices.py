@@ -25,7 +25,7 @@ class CudaBackend:
         if not torch.cuda.is_available():
             raise RuntimeError("CUDA is not available")
         self.torch = torch
-        self.device = _cuda_device(device)
+        self.device = cuda_device(device)
         self.key = str(self.device)
         self._stream = torch.cuda.Stream(device=self.device)
         # Blocking-sync events: a reader waiting for a slot sleeps instead of spinning a core
@@ -173,7 +173,7 @@ _backends: dict[str, object] = {}
 _backends_lock = threading.Lock()
 
 
-def _cuda_device(device):
+def cuda_device(device):
     """``device`` as a torch.device with its index ("cuda" -> "cuda:<current>")."""
     import torch
 
@@ -185,7 +185,7 @@ def _cuda_device(device):
 
 def backend_for(device):
     """The process-wide backend for a CUDA ``device`` (one side stream per device)."""
-    device = _cuda_device(device)
+    device = cuda_device(device)
     with _backends_lock:
         backend = _backends.get(str(device))
         if backend is None:

@@ -18,6 +18,7 @@ import queue
 import threading
 
 from fasthug_patch import settings
+from fasthug_patch.engine import devices
 
 
 class Slot:
@@ -97,11 +98,12 @@ def cuda_devices(device_map) -> set[str]:
         values = device_map.values() if isinstance(device_map, dict) else [device_map]
         for value in values:
             if isinstance(value, int) and not isinstance(value, bool):
-                names.add(f"cuda:{value}")
+                value = torch.device("cuda", value)  # an index is a CUDA device in a device map
             elif str(value) in ("auto", "balanced", "balanced_low_0", "sequential"):
-                names.add(f"cuda:{torch.cuda.current_device()}")
-            elif str(value).startswith("cuda"):
-                names.add(str(torch.device(value)) if ":" in str(value) else f"cuda:{torch.cuda.current_device()}")
+                value = "cuda"  # the current device
+            elif not str(value).startswith("cuda"):
+                continue
+            names.add(str(devices.cuda_device(value)))
         return names
     except Exception:  # noqa: BLE001 - a warm-up only
         return set()
@@ -126,8 +128,6 @@ def warm_async(names) -> None:
 
 
 def _warm(device: str) -> None:
-    from fasthug_patch.engine import devices
-
     try:
         shared_ring(devices.backend_for(device))
     except Exception:  # noqa: BLE001 - the load itself will meet (and handle) the same problem
