@@ -112,24 +112,28 @@ def with_chunked_kernels(convert, release_source=None):
         with chunked_kernels():
             result = convert(input_dict, *args, **kwargs)
         if release_source is not None:
-            _release_inputs(input_dict, result, release_source)
+            release_unless_kept(input_dict, result, release_source)
         return result
 
     return chunked_convert
 
 
-def _release_inputs(input_dict, result, release_source) -> None:
+def release_unless_kept(inputs, results, release_source) -> None:
+    """``release_source(tensor)`` for each tensor of ``inputs`` that no tensor of
+    ``results`` shares memory with (either may be a tensor, or a dict, list or tuple of
+    them, nested): quantising it is over, and only a result that kept its memory still
+    needs it."""
     import torch
 
-    def tensors(values):
-        for value in values:
-            if isinstance(value, (list, tuple)):
-                yield from tensors(value)
-            elif isinstance(value, torch.Tensor):
-                yield value
+    def tensors(value):
+        if isinstance(value, torch.Tensor):
+            yield value
+        elif isinstance(value, (dict, list, tuple)):
+            for item in value.values() if isinstance(value, dict) else value:
+                yield from tensors(item)
 
-    kept = {t.untyped_storage().data_ptr() for t in tensors(result.values() if isinstance(result, dict) else [result])}
-    for tensor in tensors(input_dict.values()):
+    kept = {t.untyped_storage().data_ptr() for t in tensors(results)}
+    for tensor in tensors(inputs):
         if tensor.untyped_storage().data_ptr() not in kept:
             release_source(tensor)
 

@@ -35,7 +35,7 @@ class _Source:
 
 def _queue(sizes, budget):
     source, ahead = _Source(), Lookahead(budget)
-    takes = [ahead.add(size, source.request(i)) for i, size in enumerate(sizes)]
+    takes = [ahead.add(size, source.request(i)).result for i, size in enumerate(sizes)]
     return source, ahead, takes
 
 
@@ -83,7 +83,8 @@ def test_an_error_reaches_the_taker_and_the_rest_still_load():
         return future
 
     source = _Source()
-    takes = [ahead.add(10, failing), ahead.add(10, source.request(1)), ahead.add(10, source.request(2))]
+    takes = [ahead.add(10, failing).result, ahead.add(10, source.request(1)).result,
+             ahead.add(10, source.request(2)).result]
     with pytest.raises(OSError, match="read failed"):
         takes[0]()
     assert [float(takes[i]()[0]) for i in (1, 2)] == [1, 2]

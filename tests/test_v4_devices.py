@@ -164,7 +164,6 @@ def test_weights_quantised_on_the_fly_are_read_a_bounded_way_ahead_of_the_quanti
     call = SimpleNamespace(materializer=Engine(), index=SimpleNamespace(check_unchanged=lambda files: None))
     shard = {"model": model, "state_dict": {ref.name: None for ref in refs}, "shard_file": "s.safetensors",
              "hf_quantizer": Quantizer(), "device_map": device_map}
-    monkeypatch.setattr(v4, "_kept_by", lambda model, name, value: False)
     adapter._load_shard(call, shard, [(ref.name, ref) for ref in refs])
     assert [name for kind, name in events if kind == "quantise"] == [ref.name for ref in refs]
     assert sorted(name for kind, name in events if kind == "cast") == sorted(ref.name for ref in refs)

@@ -18,10 +18,10 @@ function unchanged.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import re
-from contextlib import contextmanager
 
 from fasthug_patch import capabilities, loadcall, lookahead, quant
 from fasthug_patch.adapters.base import PatchTarget, quant_library, quant_method_of
@@ -110,7 +110,9 @@ class V4Adapter(V4LegacyAdapter):
     def _load_shard(self, call, shard, plan) -> None:
         quantizer = shard["hf_quantizer"]
         on_the_fly = quantizer is not None and not quantizer.pre_quantized
-        with _submodules_memoised(shard["model"]), _quantize_workers(on_the_fly):
+        # The quantize workers, held for the shard so every weight's kernel pieces share them.
+        workers = quant.quantize_pool() if on_the_fly else contextlib.nullcontext()
+        with _submodules_memoised(shard["model"]), workers:
             pending = self._submit_shard(call, shard, plan, on_the_fly)
             if quantizer is not None:  # it reads the quant-state views now: is their file still whole?
                 call.index.check_unchanged([shard["shard_file"]])
@@ -143,7 +145,7 @@ class V4Adapter(V4LegacyAdapter):
                 # from float16 by default; or read onto the GPU): made a little ahead of its
                 # turn, so that reading and casting overlap quantising while such copies stay
                 # within lookahead.QUANTISE_AHEAD_BYTES, on the GPU too.
-                pending.append((name, quantised, _Taken(ahead.add(result_bytes(source, dtype), submit))))
+                pending.append((name, quantised, ahead.add(result_bytes(source, dtype), submit)))
             else:
                 pending.append((name, quantised, submit()))
         return pending
@@ -163,8 +165,7 @@ class V4Adapter(V4LegacyAdapter):
                 value = future.result()
                 with quant.chunked_kernels():
                     quantizer.create_quantized_param(model, value, name, _param_device(device_map, name))
-                if not _kept_by(model, name, value):
-                    call.materializer.files.release_view(value)
+                quant.release_unless_kept(value, _placed(model, name, value), call.materializer.files.release_view)
             elif quantised:
                 # A pre-quantised tensor: the quantizer places it, in stock's order, from the
                 # tensor as read.
@@ -194,38 +195,17 @@ class V4Adapter(V4LegacyAdapter):
         module.load_state_dict({param_type: tensor}, strict=False, assign=True)
 
 
-class _Taken:
-    """A lookahead request, asked for like a Future by the placement loop."""
-
-    def __init__(self, take) -> None:
-        self.result = take
-
-    def done(self) -> bool:
-        return False  # only the quantizer reads it, when its turn comes
-
-
-@contextmanager
-def _quantize_workers(active: bool):
-    """The quantize workers (quant.quantize_pool) for the span of a shard quantised on the
-    fly, so that every weight's kernel pieces share them instead of each starting its own."""
-    if not active:
-        yield
-        return
-    with quant.quantize_pool():
-        yield
-
-
-def _kept_by(model, name: str, value) -> bool:
-    """Whether the parameter the quantizer made for ``name`` still uses ``value``'s memory."""
+def _placed(model, name: str, value):
+    """What the quantizer set for ``name``; ``value`` itself where nothing is found there,
+    so that its source is kept, to be safe."""
     module_name, _, attribute = name.rpartition(".")
     try:
-        placed = getattr(model.get_submodule(module_name), attribute)
+        return getattr(model.get_submodule(module_name), attribute)
     except AttributeError:
-        return True  # not found: keep the source, to be safe
-    return placed is not None and placed.untyped_storage().data_ptr() == value.untyped_storage().data_ptr()
+        return value
 
 
-@contextmanager
+@contextlib.contextmanager
 def _submodules_memoised(model):
     """Stock's per-tensor helpers (_infer_parameter_dtype, get_module_from_name,
     _load_parameter_into_model, the quantizer's) each find a tensor's module with
@@ -252,7 +232,7 @@ def _submodules_memoised(model):
         vars(model).pop("get_submodule", None)
 
 
-@contextmanager
+@contextlib.contextmanager
 def _serializable_answered_once(quantizer):
     """4.57's 8-bit create_quantized_param asks ``quantizer.is_serializable()`` for every
     tensor, and each answer reads bitsandbytes' installed metadata from disk: 0.4 s of a

@@ -96,7 +96,7 @@ class V5Adapter(Adapter):
             if call.quantize_lookahead is None:
                 call.quantize_lookahead = lookahead.Lookahead(lookahead.QUANTISE_AHEAD_BYTES)
             return call.quantize_lookahead.add(result_bytes(source, dtype),
-                                               lambda: call.materializer.submit(source, dtype, device))
+                                               lambda: call.materializer.submit(source, dtype, device)).result
         if pool is None and call.quantizing and needs_cast(source, dtype):
             # Stock materialises on demand while it quantises, so that full-precision copies
             # never pile up; a cast makes one, so it waits for its turn here too. (Casting
