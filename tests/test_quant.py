@@ -25,12 +25,9 @@ from tests.tiny import tiny_llama_config
 bnb = pytest.importorskip("bitsandbytes")
 IS_V5 = capabilities.adapter_line(transformers.__version__) == "v5"
 needs_v5 = pytest.mark.skipif(not IS_V5, reason="the fast path quantises on transformers 5.x")
-# Lines whose fast path quantises on the fly on CPU targets: 5.x, and 4.57 (create_quantized_param).
-QUANTISES_ON_CPU = IS_V5 or capabilities.version_tuple(transformers.__version__) >= capabilities.PREQUANTISED_FROM
-needs_quantising_line = pytest.mark.skipif(not QUANTISES_ON_CPU, reason="the fast path quantises from 4.57")
-PLACES_PREQUANTISED = capabilities.version_tuple(transformers.__version__) >= capabilities.PREQUANTISED_FROM
-needs_prequant_line = pytest.mark.skipif(not PLACES_PREQUANTISED,
-                                         reason="pre-quantised checkpoints are placed by the fast path from 4.57")
+# Lines whose fast path handles bitsandbytes (on the fly and pre-quantised): 4.57 and 5.x.
+BNB_LINE = capabilities.version_tuple(transformers.__version__) >= capabilities.PREQUANTISED_FROM
+needs_bnb_line = pytest.mark.skipif(not BNB_LINE, reason="the fast path handles bitsandbytes from 4.57")
 needs_verified_bnb = pytest.mark.skipif(not quant.bnb_verified(quant.bnb_version()),
                                         reason=f"bitsandbytes {quant.bnb_version()} is not a verified release")
 
@@ -255,7 +252,7 @@ CONFIGS = {
 }
 
 
-@needs_quantising_line
+@needs_bnb_line
 @needs_verified_bnb
 @pytest.mark.parametrize("name", sorted(CONFIGS))
 def test_quantised_load_matches_stock(llama_bf16, small_pieces, name):
@@ -269,7 +266,7 @@ def test_quantised_load_matches_stock(llama_bf16, small_pieces, name):
     assert _bnb_attributes(pair.fast), "nothing was quantised"
 
 
-@needs_quantising_line
+@needs_bnb_line
 @needs_verified_bnb
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("device_map", ["cuda", "cuda:0"])  # 4.57 reads the weights on the CPU, then the GPU
@@ -291,7 +288,7 @@ def test_quantised_load_to_the_gpu_matches_stock(llama_bf16, name, device_map):
     assert _bnb_attributes(pair.fast), "nothing was quantised"
 
 
-@needs_quantising_line
+@needs_bnb_line
 @needs_verified_bnb
 def test_quantised_sources_leave_the_process(llama_bf16, monkeypatch):
     """Each weight's checkpoint pages are unmapped once it is quantised: the release is
@@ -311,7 +308,7 @@ def test_quantised_sources_leave_the_process(llama_bf16, monkeypatch):
     assert quantised and found == [True] * len(quantised)
 
 
-@needs_quantising_line
+@needs_bnb_line
 @needs_verified_bnb
 def test_no_quantize_threads_outlive_the_load(llama_bf16, small_pieces, monkeypatch):
     """The pieces run on the load's quantize workers, and those are gone when
@@ -332,7 +329,7 @@ def test_no_quantize_threads_outlive_the_load(llama_bf16, small_pieces, monkeypa
     assert not _quant_threads()
 
 
-@needs_quantising_line
+@needs_bnb_line
 @needs_verified_bnb
 def test_quantised_load_with_a_cast(llama_bf16, small_pieces):
     """dtype=float16 over a bf16 checkpoint: the quantised weights are cast on demand."""
@@ -357,7 +354,7 @@ def prequantised(llama_bf16, tmp_path_factory):
     return out
 
 
-@needs_prequant_line
+@needs_bnb_line
 @needs_verified_bnb
 @pytest.mark.parametrize("name", ["int8", "nf4-double-bf16"])
 def test_quantised_checkpoint_loads_as_stock(prequantised, name):
@@ -371,7 +368,7 @@ def test_quantised_checkpoint_loads_as_stock(prequantised, name):
     assert _bnb_attributes(pair.fast), "nothing was quantised"
 
 
-@needs_prequant_line
+@needs_bnb_line
 @needs_verified_bnb
 def test_quantised_checkpoint_through_a_model_class(prequantised):
     """Without an Auto class the config is read inside from_pretrained: the load stage
@@ -382,7 +379,7 @@ def test_quantised_checkpoint_through_a_model_class(prequantised):
     assert_same_pair(pair, {"input_ids": torch.arange(8).view(1, 8)}, context="pre-quantised int8, model class")
 
 
-@needs_prequant_line
+@needs_bnb_line
 @needs_verified_bnb
 @pytest.mark.parametrize("name", ["int8", "nf4-double-bf16"])
 def test_quantised_checkpoint_given_a_quantization_config(prequantised, name):
@@ -397,7 +394,7 @@ def test_quantised_checkpoint_given_a_quantization_config(prequantised, name):
     assert _bnb_attributes(pair.stock) == _bnb_attributes(pair.fast)
 
 
-@needs_prequant_line
+@needs_bnb_line
 @needs_verified_bnb
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("device_map", ["cuda", "cuda:0"])  # 4.57 reads the shard on the CPU, then on the GPU
@@ -438,7 +435,7 @@ def arch_bf16(tmp_path_factory):
     return make
 
 
-@needs_prequant_line
+@needs_bnb_line
 @needs_verified_bnb
 @pytest.mark.parametrize("name", ["int8", "nf4-double-bf16"])
 @pytest.mark.parametrize("arch", QUANTISED_ARCHS)
@@ -469,7 +466,7 @@ def test_quantised_architectures_match_stock(arch_bf16, tmp_path, arch, name):
     assert _bnb_attributes(placed.stock) == _bnb_attributes(placed.fast)
 
 
-@needs_quantising_line
+@needs_bnb_line
 @needs_verified_bnb
 def test_quantising_on_the_fly_through_a_model_class(llama_bf16):
     """Without an Auto class the config is read inside from_pretrained: the load stage
@@ -482,7 +479,7 @@ def test_quantising_on_the_fly_through_a_model_class(llama_bf16):
 
 
 @pytest.mark.skipif(IS_V5, reason="5.x has no per-tensor is_serializable")
-@needs_prequant_line
+@needs_bnb_line
 @needs_verified_bnb
 def test_int8_serializable_is_asked_once_per_load(prequantised, monkeypatch):
     """4.57's 8-bit quantizer asks is_serializable (a package-metadata read) per tensor; the
