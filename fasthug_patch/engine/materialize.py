@@ -40,7 +40,7 @@ from fasthug_patch.engine import devices, direct, host_memory, residency
 from fasthug_patch.engine.filler import FileFill, spans as _spans
 from fasthug_patch.engine.mapped import MappedFiles
 from fasthug_patch.engine.ring import shared_ring
-from fasthug_patch.engine.to_device import DeviceStreamer, to_device_as_stock
+from fasthug_patch.engine.to_device import DeviceStreamer, itemsize, to_device_as_stock
 from fasthug_patch.errors import CheckpointError, FastPathError, Unsupported
 from fasthug_patch.plan import TensorRef
 
@@ -689,10 +689,8 @@ def _store_failed(share, exc: BaseException):
 def result_bytes(source, dtype) -> int:
     """The bytes ``source`` (a TensorRef or a torch.Tensor) takes once materialised as
     ``dtype`` (None: its own)."""
-    import torch
-
     own = source.torch_dtype() if isinstance(source, TensorRef) else source.dtype
-    return math.prod(source.shape) * torch.empty((), dtype=dtype or own).element_size()
+    return math.prod(source.shape) * itemsize(dtype or own)
 
 
 def needs_cast(source, dtype) -> bool:

@@ -95,7 +95,7 @@ class _Job:
         self.dst_flat = flat
         self.dst_bytes = flat.view(_uint8()) if dst.dtype == src_dtype else None
         self.src_dtype = src_dtype
-        self.src_item = _itemsize(src_dtype)
+        self.src_item = itemsize(src_dtype)
         self.nan_seen = None
         self.read_into = read_into  # (host_uint8, start_byte) -> None
         self.read_whole = read_whole  # () -> CPU tensor of the source (for a stock-way redo)
@@ -107,7 +107,8 @@ def _uint8():
     return torch.uint8
 
 
-def _itemsize(dtype) -> int:
+def itemsize(dtype) -> int:
+    """Bytes per element of ``dtype`` (torch 2.0 has no ``dtype.itemsize``)."""
     import torch
 
     return torch.empty((), dtype=dtype).element_size()
