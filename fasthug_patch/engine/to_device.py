@@ -73,13 +73,18 @@ class _PinnedFile:
     def covering(self, offset: int, nbytes: int) -> range:
         return range(offset // self.chunk_bytes, (offset + nbytes - 1) // self.chunk_bytes + 1)
 
+    @staticmethod
+    def _outcome(chunk: Future) -> bool | None:
+        """Whether cudaHostRegister took ``chunk``; None while it is pending or if it raised."""
+        return bool(chunk.result()) if chunk.done() and chunk.exception() is None else None
+
     def refused(self) -> bool:
         """Whether a chunk was already refused (then the whole file goes through the ring)."""
-        return any(c.done() and c.exception() is None and not c.result() for c in self.chunks)
+        return any(self._outcome(c) is False for c in self.chunks)
 
     def unpin(self, backend) -> None:
         for index, chunk in enumerate(self.chunks):
-            if chunk.done() and chunk.exception() is None and chunk.result():
+            if self._outcome(chunk):
                 backend.unregister(self.mapping.base + self.span(index)[0])
         self.mapping.close()
 
