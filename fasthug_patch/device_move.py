@@ -16,6 +16,7 @@ import time
 import weakref
 
 from fasthug_patch import activation, settings
+from fasthug_patch.inference_tensors import as_made_here
 from fasthug_patch.report import LOGGER_NAME
 
 logger = logging.getLogger(LOGGER_NAME)
@@ -115,7 +116,7 @@ def _stream(model, device, stock_convert, engine_factory=None) -> bool:
         if t.device.type == "cpu":
             ready = moved.get(id(t))
             if ready is not None and ready[0] is t:
-                return ready[1]
+                return as_made_here(ready[1])  # as t.to(device) makes it on this thread
         return stock_convert(t)
 
     with torch.no_grad():

@@ -32,6 +32,8 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from importlib import metadata
 
+from fasthug_patch import inference_tensors
+
 # bitsandbytes releases whose quantize ops (and transformers' use of them) the parity tests
 # have checked: (first, last) minor, inclusive.
 BNB_VERIFIED = ((0, 50), (0, 50))
@@ -179,7 +181,8 @@ def int8_rows_in_pieces(func, A, threshold=0.0):
     per = max(1, INT8_PIECE_ELEMENTS // max(1, cols))
     if rows < 2 * per:
         return None
-    out = torch.empty((rows, cols), dtype=torch.int8)
+    with inference_tensors.plain():  # written by the pool's threads, outside any inference mode
+        out = torch.empty((rows, cols), dtype=torch.int8)
 
     def piece(r0: int):
         r1 = min(rows, r0 + per)
@@ -190,7 +193,7 @@ def int8_rows_in_pieces(func, A, threshold=0.0):
         return row_stats
 
     stats = torch.cat(_run_pieces(piece, range(0, rows, per)))
-    return out, stats, None
+    return inference_tensors.as_made_here(out), stats, None  # as the whole op makes it here
 
 
 def blocks_4bit_in_pieces(func, A, blocksize, quant_type, quant_storage):

@@ -414,6 +414,9 @@ def _tensor_props(t: torch.Tensor) -> dict:
         "shape": tuple(t.shape),
         "stride": t.stride(),
         "layout": t.layout,
+        # made inside torch.inference_mode() on the loading thread: such a tensor cannot
+        # be updated in place outside it, so the model cannot be trained
+        "inference": t.is_inference(),
     }
 
 
@@ -583,6 +586,7 @@ def model_differences(stock, fast, inputs: dict | None = None, stock_info=None, 
         a, b = params_s[name], params_f[name]
         check(type(a) is type(b), f"{name}: parameter class {type(a).__name__} != {type(b).__name__}")
         check(a.requires_grad == b.requires_grad, f"{name}: requires_grad {a.requires_grad} != {b.requires_grad}")
+        check(a.is_inference() == b.is_inference(), f"{name}: is_inference() {a.is_inference()} != {b.is_inference()}")
     bufs_s = sorted(n for n, _ in stock.named_buffers(remove_duplicate=False))
     bufs_f = sorted(n for n, _ in fast.named_buffers(remove_duplicate=False))
     check(bufs_s == bufs_f, f"named_buffers names differ: only stock {sorted(set(bufs_s) - set(bufs_f))[:10]}, "

@@ -504,6 +504,41 @@ def test_int8_serializable_is_asked_once_per_load(prequantised, monkeypatch):
     assert all("is_serializable" not in vars(q) for q in quantizers)
 
 
+@needs_bnb_line
+@needs_verified_bnb
+@pytest.mark.parametrize("name", ["int8", "nf4"])
+def test_quantising_in_inference_mode_matches_stock(llama_bf16, small_pieces, monkeypatch, name):
+    """Inside torch.inference_mode() stock quantises on the loading thread, so its weights
+    are inference tensors (tests/test_inference_mode.py); the pieces, run by threads outside
+    the mode, still give the whole op's result, as the whole op gives it there."""
+    joined = []
+    for op, pieces in list(quant._PIECEWISE.items()):
+        def counting(*args, _pieces=pieces, **kwargs):
+            result = _pieces(*args, **kwargs)
+            joined.append(result is not None)
+            return result
+        monkeypatch.setitem(quant._PIECEWISE, op, counting)
+    config = transformers.BitsAndBytesConfig(**CONFIGS[name])
+    with torch.inference_mode():
+        pair = load_pair(transformers.AutoModelForCausalLM, llama_bf16, quantization_config=config, device_map="cpu")
+    assert pair.report.path == "fast", pair.report
+    assert joined and all(joined), "a piece failed, so the whole op ran"
+    assert all(p.is_inference() for p in pair.stock.parameters())
+    assert_same_pair(pair, {"input_ids": torch.arange(8).view(1, 8)}, context=f"{name} in inference mode")
+    assert _bnb_attributes(pair.stock) == _bnb_attributes(pair.fast)
+
+
+@needs_bnb_line
+@needs_verified_bnb
+@pytest.mark.parametrize("name", ["int8", "nf4-double-bf16"])
+def test_quantised_checkpoint_in_inference_mode_loads_as_stock(prequantised, name):
+    with torch.inference_mode():
+        pair = load_pair(transformers.AutoModelForCausalLM, prequantised[name], device_map="cpu")
+    assert pair.report.path == "fast", pair.report
+    assert_same_pair(pair, {"input_ids": torch.arange(8).view(1, 8)}, context=f"pre-quantised {name}, inference mode")
+    assert _bnb_attributes(pair.stock) == _bnb_attributes(pair.fast)
+
+
 # -- the capability table ----------------------------------------------------------------------
 
 def _facts(**kw) -> Facts:
@@ -643,12 +678,12 @@ def test_tensors_still_being_cast_are_assigned_after_the_quantised_ones():
     class CastUnderWay(Future):
         def result(self, timeout=None):  # finishes when the placement waits for it
             if not self.done():
-                self.set_result("cast")
+                self.set_result(torch.zeros(1))
             return super().result(timeout)
 
     class Engine:
         def submit(self, source, dtype, device, stock_casts_on_device=False):
-            return CastUnderWay() if source.startswith("cast") else done(source)
+            return CastUnderWay() if source.startswith("cast") else done(torch.zeros(1))
 
     class Quantizer:
         pre_quantized = True

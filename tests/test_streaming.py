@@ -422,3 +422,22 @@ def test_the_devices_a_ring_is_warmed_for(device_map, names, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
     assert ring.cuda_devices(device_map) == names
+
+
+def test_a_move_in_inference_mode_hands_over_what_torch_makes_there(standin):
+    """model.to(device) inside torch.inference_mode() makes its copies on this thread, as
+    inference tensors; the ring's copies, made by its threads, are handed over the same way."""
+    torch.manual_seed(0)
+    streamed = _Tiny()
+    torch.manual_seed(0)
+    moved = _Tiny()
+    with torch.inference_mode():
+        assert device_move._stream(streamed, "cuda:0", lambda t: t.clone(), lambda: _engine(standin)[0])
+        with torch.no_grad():
+            moved._apply(lambda t: t.clone())  # torch's own move, the stand-in device being the CPU
+    kinds = {}
+    for (name, a), (_, b) in zip(streamed.state_dict().items(), moved.state_dict().items()):
+        assert a.is_inference() == b.is_inference(), name
+        assert _same_bits(a, b), name
+        kinds[name] = a.is_inference()
+    assert any(kinds.values()), kinds

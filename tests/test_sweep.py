@@ -29,6 +29,7 @@ architectures.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -139,6 +140,7 @@ class Scenario:
     ckpt_dtype: torch.dtype = FP32
     load_dtype: Any = DEFAULT
     load_kwargs: tuple = ()  # extra from_pretrained kwargs as (key, value) pairs
+    inference_mode: bool = False  # both loads inside torch.inference_mode()
 
     def kwargs(self) -> dict:
         return {**dtype_kwargs(self.load_dtype), **dict(self.load_kwargs)}
@@ -255,7 +257,8 @@ def _quiet_transformers():
 def run_case(checkpoints: CheckpointCache, arch: Arch, scenario: Scenario, load_class=None) -> LoadedPair:
     path, extra_kwargs, facts = checkpoints.get(arch, scenario.layout, scenario.ckpt_dtype)
     kwargs = {**scenario.kwargs(), **extra_kwargs}
-    pair = load_pair(load_class or arch, path, **kwargs)
+    with torch.inference_mode() if scenario.inference_mode else contextlib.nullcontext():
+        pair = load_pair(load_class or arch, path, **kwargs)
     if scenario.name == "default" and load_class is None:
         DEFAULT_LOAD_PATHS[arch.name] = report_path(pair.report)  # before any assertion
         DEFAULT_LOAD_REASONS[arch.name] = report_reason(pair.report)
@@ -411,6 +414,11 @@ SPECIALS = [
     Special("eager_attention", "llama", Scenario("eager", load_kwargs=(("attn_implementation", "eager"),))),
     Special("auto_map_with_max_memory", "mixtral",
             Scenario("max_memory", load_kwargs=(("device_map", "auto"), ("max_memory", {"cpu": "1GB"})))),
+    # serving code loads inside torch.inference_mode(): which weights are inference tensors
+    # follows the thread stock makes them on (tests/test_inference_mode.py)
+    Special("inference_mode", "llama", Scenario("inference_mode", inference_mode=True)),
+    Special("inference_mode_cast", "llama", Scenario("inference_mode-bf16", load_dtype=BF16, inference_mode=True)),
+    Special("inference_mode_moe", "mixtral", Scenario("inference_mode-moe", inference_mode=True)),
 ]
 if not IS_V5:
     # on 4.57 experts are plain modules, a missing expert tensor is just a missing key

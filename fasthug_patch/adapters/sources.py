@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from fasthug_patch.errors import FastPathError
+from fasthug_patch.inference_tensors import as_made_here
 from fasthug_patch.plan import TensorRef
 
 
@@ -24,7 +25,7 @@ class MappedSource:
         return self.ref.dtype_name
 
     def __getitem__(self, index):
-        tensor = self._engine.submit(self.ref).result()
+        tensor = as_made_here(self._engine.submit(self.ref).result())  # as safetensors makes it here
         return tensor[index]
 
     def __repr__(self) -> str:

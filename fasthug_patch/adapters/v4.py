@@ -31,6 +31,7 @@ from fasthug_patch.capabilities import Facts, version_tuple
 from fasthug_patch.engine.materialize import needs_cast, result_bytes
 from fasthug_patch.entry import make_from_pretrained_wrapper
 from fasthug_patch.errors import FastPathError
+from fasthug_patch.inference_tensors import as_made_here
 
 
 class V4Adapter(V4LegacyAdapter):
@@ -162,16 +163,16 @@ class V4Adapter(V4LegacyAdapter):
                 # Quantised as stock does it (the quantizer's own code), its bitsandbytes
                 # kernel run in parallel pieces (quant.py); then the checkpoint pages it was
                 # read from leave the process, unless the parameter kept them.
-                value = future.result()
+                value = _taken(future)
                 with quant.chunked_kernels():
                     quantizer.create_quantized_param(model, value, name, _param_device(device_map, name))
                 quant.release_unless_kept(value, _placed(model, name, value), call.materializer.files.release_view)
             elif quantised:
                 # A pre-quantised tensor: the quantizer places it, in stock's order, from the
                 # tensor as read.
-                quantizer.create_quantized_param(model, future.result(), name, _param_device(device_map, name))
+                quantizer.create_quantized_param(model, _taken(future), name, _param_device(device_map, name))
             elif future.done():
-                self._assign(model, name, future.result())
+                self._assign(model, name, _taken(future))
             else:
                 # Still being cast (or copied to its device): assigned after the rest, in their
                 # own order, so the quantised tensors are placed meanwhile (in 4.57's order
@@ -182,7 +183,7 @@ class V4Adapter(V4LegacyAdapter):
             if drop_bin:  # as 4.57's stock: drop the loaded entry so its memory can go
                 del state_dict[name]
         for name, future in unready:
-            self._assign(model, name, future.result())
+            self._assign(model, name, _taken(future))
             if drop_bin:
                 del state_dict[name]
 
@@ -193,6 +194,12 @@ class V4Adapter(V4LegacyAdapter):
             return
         module, param_type = mu.get_module_from_name(model, name)  # 4.50's inline form
         module.load_state_dict({param_type: tensor}, strict=False, assign=True)
+
+
+def _taken(future):
+    """A materialised tensor as stock's loop makes it: on this thread (an inference tensor
+    inside torch.inference_mode())."""
+    return as_made_here(future.result())
 
 
 def _placed(model, name: str, value):

@@ -25,6 +25,7 @@ from fasthug_patch.adapters.base import Adapter, PatchTarget, env_true
 from fasthug_patch.capabilities import Facts
 from fasthug_patch.entry import make_from_pretrained_wrapper
 from fasthug_patch.errors import FastPathError
+from fasthug_patch.inference_tensors import as_made_here
 
 # safetensors metadata "format" values stock accepts (anything else: stock's own OSError)
 _KNOWN_FORMATS = ("pt", "tf", "flax", "mlx")
@@ -67,7 +68,8 @@ class V4LegacyAdapter(Adapter):
         call.entered_fast_internals = True
         with call.report.phase("load_weights"):
             futures = [(name, call.materializer.submit(ref, ref.torch_dtype(), "cpu")) for name, ref in plan]
-            state_dict = {name: future.result() for name, future in futures}
+            # as stock's safe_load_file made them, on this thread
+            state_dict = {name: as_made_here(future.result()) for name, future in futures}
         call.index.check_unchanged([file])  # replaced after its header was read: redo stock
         call.fast_loads += 1
         return state_dict

@@ -24,6 +24,7 @@ from fasthug_patch.capabilities import Facts
 from fasthug_patch.engine.materialize import needs_cast, result_bytes
 from fasthug_patch.entry import make_from_pretrained_wrapper
 from fasthug_patch.errors import FastPathError
+from fasthug_patch.inference_tensors import as_made_here
 
 # Set while stock convert_and_load runs for a fast load in this thread.
 _session: contextvars.ContextVar[loadcall.LoadCall | None] = contextvars.ContextVar("fasthug_v5", default=None)
@@ -95,17 +96,20 @@ class V5Adapter(Adapter):
             # copies never pile up there; the engine reads ahead, within a budget.
             if call.quantize_lookahead is None:
                 call.quantize_lookahead = lookahead.Lookahead(lookahead.QUANTISE_AHEAD_BYTES)
-            return call.quantize_lookahead.add(result_bytes(source, dtype),
-                                               lambda: call.materializer.submit(source, dtype, device)).result
+            request = call.quantize_lookahead.add(result_bytes(source, dtype),
+                                                  lambda: call.materializer.submit(source, dtype, device))
+            return lambda: as_made_here(request.result())
         if pool is None and call.quantizing and needs_cast(source, dtype):
             # Stock materialises on demand while it quantises, so that full-precision copies
             # never pile up; a cast makes one, so it waits for its turn here too. (Casting
             # ahead within a budget, as 4.57's path does, measured no faster here: 1b int8 as
             # float16, 3.25 s either way over 4 alternating rounds, and 0.2 GB more at peak.)
-            return lambda: call.materializer.submit(source, dtype, device).result()
+            return lambda: as_made_here(call.materializer.submit(source, dtype, device).result())
         future = call.materializer.submit(source, dtype, device)
-        # Stock returns a Future with its pool and a deferred callable without one.
-        return future if pool is not None else future.result
+        # Stock returns a Future with its pool and a deferred callable without one. Its pool's
+        # threads are never in inference mode, and the engine's results are made as there; the
+        # deferred callable runs on the loading thread, as stock's made its tensor there.
+        return future if pool is not None else lambda: as_made_here(future.result())
 
     def _materialize_checked(self, wrapped, instance, args, kwargs):
         """Wraps WeightTransform.materialize_tensors, which hands one mapping's tensors to
