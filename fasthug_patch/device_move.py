@@ -16,7 +16,7 @@ import time
 import weakref
 
 from fasthug_patch import activation, settings
-from fasthug_patch.inference_tensors import as_made_here
+from fasthug_patch.thread_modes import as_made_here
 from fasthug_patch.report import LOGGER_NAME
 
 logger = logging.getLogger(LOGGER_NAME)

@@ -32,7 +32,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from importlib import metadata
 
-from fasthug_patch import inference_tensors
+from fasthug_patch import thread_modes
 
 # bitsandbytes releases whose quantize ops (and transformers' use of them) the parity tests
 # have checked: (first, last) minor, inclusive.
@@ -181,7 +181,7 @@ def int8_rows_in_pieces(func, A, threshold=0.0):
     per = max(1, INT8_PIECE_ELEMENTS // max(1, cols))
     if rows < 2 * per:
         return None
-    with inference_tensors.plain():  # written by the pool's threads, outside any inference mode
+    with thread_modes.callers_modes_off():  # on the CPU, plain: the pool's threads write it
         out = torch.empty((rows, cols), dtype=torch.int8)
 
     def piece(r0: int):
@@ -193,7 +193,7 @@ def int8_rows_in_pieces(func, A, threshold=0.0):
         return row_stats
 
     stats = torch.cat(_run_pieces(piece, range(0, rows, per)))
-    return inference_tensors.as_made_here(out), stats, None  # as the whole op makes it here
+    return thread_modes.as_made_here(out), stats, None  # as the whole op makes it here
 
 
 def blocks_4bit_in_pieces(func, A, blocksize, quant_type, quant_storage):
@@ -280,8 +280,9 @@ def _scratch(n: int):
 
     buffers = getattr(_scratch_local, "buffers", None)
     if buffers is None or buffers[0].numel() < n:
-        buffers = _scratch_local.buffers = (torch.empty(n), torch.empty(n), torch.empty(n, dtype=torch.bool),
-                                            torch.empty(n, dtype=torch.uint8))
+        fp32 = torch.float32  # named: the kernel's A.float() is fp32 whatever the default dtype
+        buffers = _scratch_local.buffers = (torch.empty(n, dtype=fp32), torch.empty(n, dtype=fp32),
+                                            torch.empty(n, dtype=torch.bool), torch.empty(n, dtype=torch.uint8))
     return [buffer[:n] for buffer in buffers]
 
 

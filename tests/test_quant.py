@@ -55,6 +55,20 @@ def small_pieces(monkeypatch):
     return counts
 
 
+@pytest.fixture()
+def joined(monkeypatch):
+    """One entry per quantize op answered piecewise: True where the pieces were joined, False
+    where they gave up (a piece failed or the op was not split) and the whole op ran."""
+    outcomes = []
+    for op, pieces in list(quant._PIECEWISE.items()):
+        def counting(*args, _pieces=pieces, **kwargs):
+            result = _pieces(*args, **kwargs)
+            outcomes.append(result is not None)
+            return result
+        monkeypatch.setitem(quant._PIECEWISE, op, counting)
+    return outcomes
+
+
 def _awkward(shape, dtype, seed=0) -> torch.Tensor:
     """Random weights with the values that break sloppy kernels: all-zero rows and blocks,
     values exactly on the 4-bit bucket bounds and at +-absmax, subnormals, signed zeros."""
@@ -138,6 +152,19 @@ def test_int8_pieces_equal_the_whole_op(small_pieces, dtype, shape):
     assert torch.equal(whole.data, pieces.data) and torch.equal(whole.CB, pieces.CB)
     assert torch.equal(whole.SCB, pieces.SCB) and pieces.data.data_ptr() == pieces.CB.data_ptr()
     assert small_pieces["pieces"] > 0
+
+
+def test_int8_pieces_allocate_on_the_cpu_under_a_callers_default_device(small_pieces, joined):
+    """A default device the caller set (meta, a stand-in for `with torch.device("cuda")`)
+    does not move the pieces' output off the CPU, where the whole op makes it (torch turns
+    function modes such as the default device off inside a dispatch mode's handler)."""
+    w = _awkward((64, 32), torch.float16)
+    op = torch.ops.bitsandbytes.int8_vectorwise_quant.default
+    whole = op(w, 0.0)
+    with torch.device("meta"), quant.chunked_kernels():
+        pieces = op(w, 0.0)
+    assert joined == [True]  # joined from the pieces, not left to the whole op
+    assert pieces[0].device.type == "cpu" and torch.equal(whole[0], pieces[0]) and torch.equal(whole[1], pieces[1])
 
 
 def test_int8_with_an_outlier_threshold_is_left_whole(small_pieces):
@@ -507,17 +534,10 @@ def test_int8_serializable_is_asked_once_per_load(prequantised, monkeypatch):
 @needs_bnb_line
 @needs_verified_bnb
 @pytest.mark.parametrize("name", ["int8", "nf4"])
-def test_quantising_in_inference_mode_matches_stock(llama_bf16, small_pieces, monkeypatch, name):
+def test_quantising_in_inference_mode_matches_stock(llama_bf16, small_pieces, joined, name):
     """Inside torch.inference_mode() stock quantises on the loading thread, so its weights
-    are inference tensors (tests/test_inference_mode.py); the pieces, run by threads outside
+    are inference tensors (tests/test_thread_modes.py); the pieces, run by threads outside
     the mode, still give the whole op's result, as the whole op gives it there."""
-    joined = []
-    for op, pieces in list(quant._PIECEWISE.items()):
-        def counting(*args, _pieces=pieces, **kwargs):
-            result = _pieces(*args, **kwargs)
-            joined.append(result is not None)
-            return result
-        monkeypatch.setitem(quant._PIECEWISE, op, counting)
     config = transformers.BitsAndBytesConfig(**CONFIGS[name])
     with torch.inference_mode():
         pair = load_pair(transformers.AutoModelForCausalLM, llama_bf16, quantization_config=config, device_map="cpu")

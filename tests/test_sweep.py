@@ -415,7 +415,7 @@ SPECIALS = [
     Special("auto_map_with_max_memory", "mixtral",
             Scenario("max_memory", load_kwargs=(("device_map", "auto"), ("max_memory", {"cpu": "1GB"})))),
     # serving code loads inside torch.inference_mode(): which weights are inference tensors
-    # follows the thread stock makes them on (tests/test_inference_mode.py)
+    # follows the thread stock makes them on (tests/test_thread_modes.py)
     Special("inference_mode", "llama", Scenario("inference_mode", inference_mode=True)),
     Special("inference_mode_cast", "llama", Scenario("inference_mode-bf16", load_dtype=BF16, inference_mode=True)),
     Special("inference_mode_moe", "mixtral", Scenario("inference_mode-moe", inference_mode=True)),

@@ -31,7 +31,7 @@ from fasthug_patch.capabilities import Facts, version_tuple
 from fasthug_patch.engine.materialize import needs_cast, result_bytes
 from fasthug_patch.entry import make_from_pretrained_wrapper
 from fasthug_patch.errors import FastPathError
-from fasthug_patch.inference_tensors import as_made_here
+from fasthug_patch.thread_modes import as_made_here
 
 
 class V4Adapter(V4LegacyAdapter):

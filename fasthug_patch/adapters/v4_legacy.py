@@ -25,7 +25,7 @@ from fasthug_patch.adapters.base import Adapter, PatchTarget, env_true
 from fasthug_patch.capabilities import Facts
 from fasthug_patch.entry import make_from_pretrained_wrapper
 from fasthug_patch.errors import FastPathError
-from fasthug_patch.inference_tensors import as_made_here
+from fasthug_patch.thread_modes import as_made_here
 
 # safetensors metadata "format" values stock accepts (anything else: stock's own OSError)
 _KNOWN_FORMATS = ("pt", "tf", "flax", "mlx")

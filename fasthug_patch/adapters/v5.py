@@ -24,7 +24,7 @@ from fasthug_patch.capabilities import Facts
 from fasthug_patch.engine.materialize import needs_cast, result_bytes
 from fasthug_patch.entry import make_from_pretrained_wrapper
 from fasthug_patch.errors import FastPathError
-from fasthug_patch.inference_tensors import as_made_here
+from fasthug_patch.thread_modes import as_made_here
 
 # Set while stock convert_and_load runs for a fast load in this thread.
 _session: contextvars.ContextVar[loadcall.LoadCall | None] = contextvars.ContextVar("fasthug_v5", default=None)

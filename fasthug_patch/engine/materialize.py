@@ -35,7 +35,7 @@ import time
 import warnings
 from concurrent.futures import Future, InvalidStateError, ThreadPoolExecutor
 
-from fasthug_patch import inference_tensors, settings
+from fasthug_patch import settings, thread_modes
 from fasthug_patch.engine import devices, direct, host_memory, residency
 from fasthug_patch.engine.filler import FileFill, spans as _spans
 from fasthug_patch.engine.mapped import MappedFiles
@@ -137,7 +137,7 @@ class Materializer:
         self.backend_for = devices.backend_for  # device -> backend (tests swap in a stand-in)
 
     # -- files ----------------------------------------------------------------
-    @inference_tensors.makes_plain_tensors
+    @thread_modes.engine_entry
     def prepare(self, files, peers=None) -> None:
         """Choose how to read each of ``files`` and start filling the cold ones. With
         ``peers`` (a ranks.PeerGroup), fill them together with the other ranks of this host
@@ -298,7 +298,7 @@ class Materializer:
         return self._fills.get(path)
 
     # -- requests -------------------------------------------------------------
-    @inference_tensors.makes_plain_tensors
+    @thread_modes.engine_entry
     def cast_ahead(self, refs, dtype) -> int:
         """Start casting ``refs`` to ``dtype`` before the loader asks for them, while stock
         still builds the model on the meta device and a core is free. It is a guess: a
@@ -329,7 +329,7 @@ class Materializer:
         self.ahead_started += started
         return started
 
-    @inference_tensors.makes_plain_tensors
+    @thread_modes.engine_entry
     def map_ahead(self, refs) -> int:
         """Fault the pages of ``refs`` (tensors the loader will most likely take as zero-copy
         views) into this process's mappings on the casters, after any casts started ahead,
@@ -398,7 +398,7 @@ class Materializer:
             self.tensors_cast -= 1
             self.bytes_read -= nbytes
 
-    @inference_tensors.makes_plain_tensors
+    @thread_modes.engine_entry
     def submit(self, source, dtype=None, device="cpu", stock_casts_on_device=False) -> Future:
         """Schedule ``source`` (a TensorRef or a CPU torch.Tensor) as ``dtype`` on ``device``.
         ``stock_casts_on_device``: for a GPU ``device``, whether the stock loader casts there
@@ -468,7 +468,7 @@ class Materializer:
                 self._streamers[key] = streamer
             return streamer
 
-    @inference_tensors.makes_plain_tensors
+    @thread_modes.engine_entry
     def pin_ahead(self, device) -> int:
         """Start pinning the page-cached files bound for ``device`` (a CUDA device) in place
         while stock builds the model, so their DMAs start as soon as the loader asks

@@ -1,4 +1,6 @@
-"""Loads inside ``torch.inference_mode()``: the same model as stock, through the fast path.
+"""Loads under the calling thread's tensor modes (fasthug_patch/thread_modes.py): inside
+``torch.inference_mode()``, or with a default device set, the same model as stock, through
+the fast path.
 
 Serving code often wraps everything, ``from_pretrained`` included, in inference mode. The
 mode is thread-local, and a tensor made inside it is an *inference tensor*: it cannot be
@@ -15,6 +17,8 @@ from __future__ import annotations
 import pytest
 import torch
 import transformers
+
+from safetensors.torch import load_file
 
 import fasthug_patch
 from tests.architectures import IS_V5, LEGACY_STATE_DICT_LOAD, get
@@ -118,7 +122,7 @@ def test_a_model_loaded_outside_inference_mode_can_be_trained(tiny):
 # -- the hand-over itself -----------------------------------------------------------------------
 
 def test_as_made_here_aliases_the_same_memory_as_the_wanted_kind():
-    from fasthug_patch.inference_tensors import as_made_here
+    from fasthug_patch.thread_modes import as_made_here
 
     base = torch.arange(12, dtype=torch.float32)
     view = base[2:10].view(2, 4).t()  # an offset and non-contiguous strides
@@ -137,16 +141,18 @@ def test_as_made_here_aliases_the_same_memory_as_the_wanted_kind():
 
 def test_as_made_here_refuses_a_tensor_subclass_it_would_strip():
     from fasthug_patch.errors import FastPathError
-    from fasthug_patch.inference_tensors import as_made_here
+    from fasthug_patch.thread_modes import as_made_here
 
     param = torch.nn.Parameter(torch.zeros(3))
     with torch.inference_mode(), pytest.raises(FastPathError, match="Parameter"):
         as_made_here(param)
 
 
-def test_the_engine_makes_plain_tensors_inside_inference_mode(tiny):
+@pytest.mark.parametrize("mode", ["inference_mode", "default_device"])
+def test_the_engine_makes_plain_cpu_tensors_whatever_the_callers_modes(tiny, mode):
     """Its reader threads write into what submit allocates: an inference tensor there could
-    not be written outside the mode."""
+    not be written outside the mode, and a tensor on the caller's default device (meta here,
+    a stand-in for `with torch.device("cuda")`) would not be the CPU tensor asked for."""
     from fasthug_patch.engine import Materializer
     from fasthug_patch.plan import CheckpointIndex
 
@@ -154,11 +160,16 @@ def test_the_engine_makes_plain_tensors_inside_inference_mode(tiny):
     refs = CheckpointIndex().tensors([path])
     engine = Materializer(2, 1 << 20, None)
     try:
-        with torch.inference_mode():
+        with torch.inference_mode() if mode == "inference_mode" else torch.device("meta"):
             engine.prepare([path])
             assert engine.cast_ahead(list(refs.values()), FP32)  # casts started on this thread
             engine.map_ahead(list(refs.values()))
             results = [engine.submit(ref, dtype).result() for ref in refs.values() for dtype in (BF16, FP32, FP16)]
         assert results and not any(t.is_inference() for t in results)
+        assert all(t.device.type == "cpu" for t in results)
+        expected = {name: t for name, t in load_file(path).items()}
+        for ref, (bf16, fp32, fp16) in zip(refs.values(), zip(*[iter(results)] * 3)):
+            assert torch.equal(bf16, expected[ref.name]) and torch.equal(fp32, expected[ref.name].float())
+            assert torch.equal(fp16, expected[ref.name].half())
     finally:
         engine.close()
