@@ -33,6 +33,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="GPU trials create their CUDA context before the timer (its time is reported apart)")
     b.add_argument("--dtype", choices=DTYPE_CHOICES, default="default",
                    help="dtype passed to from_pretrained; 'default' passes none (fp32 on 4.x, auto on 5.x)")
+    b.add_argument("--inference-mode", action="store_true",
+                   help="load inside torch.inference_mode(), as serving code does")
     b.add_argument("-n", type=int, default=5, help="measured rounds (each runs every mode once)")
     b.add_argument("--warmup", type=int, default=1, help="unmeasured rounds first")
     b.add_argument("--json", metavar="FILE", help="write the full result (every trial) as JSON")
@@ -95,7 +97,8 @@ def _bench(args) -> int:
         result = runner.run_bench(args.model, modes=modes, n=args.n, warmup=args.warmup, cold=args.cold,
                                   dtype=args.dtype, python=args.python, progress=not args.quiet,
                                   device=args.device, forward=args.forward, quant=quant,
-                                  ceilings=args.ceilings, cuda_first=args.cuda_first)
+                                  ceilings=args.ceilings, cuda_first=args.cuda_first,
+                                  inference_mode=args.inference_mode)
     except (runner.TrialError, ValueError) as exc:
         print(f"fasthug-patch bench: {exc}", file=sys.stderr)
         return 1

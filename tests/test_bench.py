@@ -112,6 +112,15 @@ def test_digest_differs_for_perturbed_checkpoint(pair, perturbed):
     assert runner.check_identical([pair["stock"], other])["identical"] is False
 
 
+def test_trials_inside_inference_mode_load_the_same_model(tiny, pair):
+    serving = {mode: runner.run_trial(tiny, mode, timeout=300, inference_mode=True) for mode in ("stock", "patched")}
+    assert serving["patched"]["fasthug"]["path"] == "fast"
+    assert serving["stock"]["digest"] == serving["patched"]["digest"]
+    # tensors made inside the mode (4.x: every weight; both lines: the buffers built with the
+    # model) are inference tensors, which the digest tells apart from a load outside it
+    assert serving["stock"]["digest"] != pair["stock"]["digest"]
+
+
 def test_module_run_stock_never_imports_plugin(tiny):
     """``python -m fasthug_patch.bench.trial --mode stock`` with FASTHUG_ENABLE=1 set: it
     re-executes itself as a script without the variable, so the plugin is not imported."""
@@ -142,6 +151,13 @@ def test_weights_digest_in_process():
     assert trial.weights_digest(model) == base
     assert trial.weights_digest(model.to(torch.float64)) != base
     model = model.to(torch.float32)
+    assert trial.weights_digest(model) == base
+    with torch.inference_mode():  # the same bytes as inference tensors: not the same model
+        inference = torch.nn.Parameter(model[0].weight.detach().clone())
+    plain = model[0].weight
+    model[0].weight = inference
+    assert trial.weights_digest(model) != base
+    model[0].weight = plain
     assert trial.weights_digest(model) == base
     model[1].bias = torch.nn.Parameter(model[1].bias.detach().reshape(2, 2))
     assert trial.weights_digest(model) != base
@@ -239,11 +255,13 @@ def test_schedule_is_abba():
 
 def test_run_bench_order_and_result(tiny, monkeypatch):
     """run_bench with the trial process replaced: order, result shape, JSON-ability, table."""
-    calls, firsts = [], []
+    calls, firsts, modes = [], [], []
 
-    def fake_run_trial(path, mode, dtype, device, forward, quant, python, timeout, settings=None, cuda_first=False):
+    def fake_run_trial(path, mode, dtype, device, forward, quant, python, timeout, settings=None, cuda_first=False,
+                       inference_mode=False):
         calls.append((mode, forward))
         firsts.append(cuda_first)
+        modes.append(inference_mode)
         return _fake(mode, 2.0 if mode == "stock" else 1.0, weight_bytes=1000, model_class="X",
                      versions={"python": "3", "torch": "t", "transformers": "tf"},
                      fasthug={"path": "fast", "reason": ""} if mode == "patched" else None)
@@ -273,6 +291,11 @@ def test_run_bench_order_and_result(tiny, monkeypatch):
     gpu = runner.run_bench(tiny, n=1, warmup=0, progress=False, device="cuda", cuda_first=True)
     assert firsts == [True, True] and gpu["cuda_first"] is True
     assert "--device cuda --cuda-first" in gpu["command"]
+    assert "--inference-mode" not in result["command"] and not any(modes) and result["inference_mode"] is False
+    modes.clear()
+    serving = runner.run_bench(tiny, n=1, warmup=0, progress=False, inference_mode=True)
+    assert modes == [True, True] and "--inference-mode" in serving["command"]
+    assert "inside torch.inference_mode()" in runner.format_table(serving)
     json.dumps(result)  # plain JSON-able
     table = runner.format_table(result)
     assert "COLD" in table

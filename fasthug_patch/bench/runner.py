@@ -195,12 +195,15 @@ def trial_env(mode: str, settings: dict | None = None) -> dict:
 
 
 def trial_command(python: str, path: str, mode: str, dtype: str = "default", device: str = "cpu",
-                  forward: bool = False, quant: str | None = None, cuda_first: bool = False) -> list[str]:
+                  forward: bool = False, quant: str | None = None, cuda_first: bool = False,
+                  inference_mode: bool = False) -> list[str]:
     cmd = [python, TRIAL_SCRIPT, "--mode", mode, "--path", str(path), "--dtype", dtype, "--device", device]
     if forward:
         cmd.append("--forward")
     if cuda_first:
         cmd.append("--cuda-first")
+    if inference_mode:
+        cmd.append("--inference-mode")
     if quant:
         cmd += ["--quant", quant]
     return cmd
@@ -212,9 +215,9 @@ class TrialError(RuntimeError):
 
 def run_trial(path, mode: str, dtype: str = "default", device: str = "cpu", forward: bool = False,
               quant: str | None = None, python: str = sys.executable, timeout: float | None = None,
-              settings: dict | None = None, cuda_first: bool = False) -> dict:
+              settings: dict | None = None, cuda_first: bool = False, inference_mode: bool = False) -> dict:
     """One trial in a fresh process; returns its parsed JSON line."""
-    cmd = trial_command(python, path, mode, dtype, device, forward, quant, cuda_first)
+    cmd = trial_command(python, path, mode, dtype, device, forward, quant, cuda_first, inference_mode)
     began = time.perf_counter()
     proc = subprocess.run(cmd, env=trial_env(mode, settings), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                           text=True, timeout=timeout)
@@ -229,7 +232,8 @@ def run_trial(path, mode: str, dtype: str = "default", device: str = "cpu", forw
 
 
 def rerun_command(path, modes, n, warmup, cold, dtype, device, forward, python, quant=None,
-                  ceilings=False, settings: dict | None = None, cuda_first: bool = False) -> str:
+                  ceilings=False, settings: dict | None = None, cuda_first: bool = False,
+                  inference_mode: bool = False) -> str:
     parts = [python, "-m", "fasthug_patch.cli", "bench", str(path), "-n", str(n), "--warmup", str(warmup)]
     if dtype not in (None, "default"):
         parts += ["--dtype", dtype]
@@ -237,6 +241,8 @@ def rerun_command(path, modes, n, warmup, cold, dtype, device, forward, python, 
         parts += ["--device", device]
     if cuda_first:
         parts.append("--cuda-first")
+    if inference_mode:
+        parts.append("--inference-mode")
     if cold:
         parts.append("--cold")
     if not forward:
@@ -255,10 +261,11 @@ def run_bench(path, modes=("stock", "patched"), n: int = 5, warmup: int = 1, col
               dtype: str = "default", python: str = sys.executable, progress: bool = True,
               device: str = "cpu", forward: bool = True, quant: str | None = None,
               ceilings: bool = False, timeout: float | None = None, settings: dict | None = None,
-              cuda_first: bool = False) -> dict:
+              cuda_first: bool = False, inference_mode: bool = False) -> dict:
     """Warmup rounds, then ``n`` ABBA rounds of ``modes``, each trial a fresh process.
     ``settings``: FASTHUG_* variables for the patched trials (a setting off by default).
     ``cuda_first``: GPU trials create their CUDA context before the timer (both modes).
+    ``inference_mode``: every trial loads inside torch.inference_mode(), as serving code does.
 
     ``cold``: evict the checkpoint's pages from the page cache before every trial (the
     residency measured right after is recorded with the trial). ``ceilings``: also measure
@@ -292,7 +299,7 @@ def run_bench(path, modes=("stock", "patched"), n: int = 5, warmup: int = 1, col
             elif local is not None:
                 resident = residency(local)
             result = run_trial(path, step["mode"], dtype, device, forward, quant, python, timeout, settings,
-                               cuda_first)
+                               cuda_first, inference_mode)
             result.update(step, index=i, resident_before=resident,
                           ready_gbps=ready_gbps(checkpoint_bytes, result.get("ready_s")))
             trials.append(result)
@@ -325,6 +332,7 @@ def run_bench(path, modes=("stock", "patched"), n: int = 5, warmup: int = 1, col
         "dtype": dtype,
         "device": device,
         "cuda_first": cuda_first,
+        "inference_mode": inference_mode,
         "forward": forward,
         "quant": quant,
         "prequantized": checkpoints.quantization_method(local) if local else None,
@@ -340,7 +348,7 @@ def run_bench(path, modes=("stock", "patched"), n: int = 5, warmup: int = 1, col
         "machine": machine,
         "python": python,
         "command": rerun_command(path, modes, n, warmup, cold, dtype, device, forward, python, quant, ceilings,
-                                 settings, cuda_first),
+                                 settings, cuda_first, inference_mode),
         "settings": dict(settings or {}),
         "started": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(started)),
         "seconds": time.time() - started,
@@ -431,6 +439,7 @@ def format_table(result: dict) -> str:
     lines.append(f"**{result.get('model_class') or 'model'}** `{result['path']}` — {gb} of weights "
                  f"({_dtypes(result.get('loaded_dtypes'))}), dtype arg `{result['dtype']}`, "
                  f"device {result['device']}, {'COLD (page cache evicted before each trial)' if result['cold'] else 'warm page cache'}, "
+                 f"{'inside torch.inference_mode(), ' if result.get('inference_mode') else ''}"
                  f"n={result['n']} (+{result['warmup']} warmup), ABBA order, fresh process per trial")
     lines.append("")
     ratio_head = f"{modes[0]}/{modes[1]}" if len(modes) > 1 else ""
@@ -460,7 +469,7 @@ def format_table(result: dict) -> str:
     ident = "yes" if result.get("identical") else "NO"
     exact = [t for t in result.get("trials", []) if t.get("mode", "stock") in EXACT_MODES]
     lines.append(f"- weights identical across all {len(exact)} stock and patched trials (one digest of names, dtypes, "
-                 f"shapes, bytes; tying): **{ident}**" + ("" if result.get("identical") else
+                 f"shapes, inference-tensor flags, bytes; tying): **{ident}**" + ("" if result.get("identical") else
                                                           f" — digests {result.get('digests')}"))
     for mode, same in (result.get("matches_stock") or {}).items():
         dtypes = next((t.get("dtypes") for t in result.get("trials", []) if t.get("mode") == mode), None)

@@ -24,6 +24,7 @@ This module imports nothing heavy at import time: tests import its helpers.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import os
@@ -102,11 +103,12 @@ def _hasher():
 
 
 def weights_digest(model) -> str:
-    """A digest (see _hasher) over (name, dtype, shape, raw bytes) of every tensor, in sorted
-    name order."""
+    """A digest (see _hasher) over (name, dtype, shape, whether an inference tensor, raw bytes)
+    of every tensor, in sorted name order."""
     h = _hasher()
     for name, t in named_tensors(model):
-        h.update(f"{name}\0{str(t.dtype).removeprefix('torch.')}\0{tuple(t.shape)}\0".encode())
+        kind = "inference" if t.is_inference() else "plain"
+        h.update(f"{name}\0{str(t.dtype).removeprefix('torch.')}\0{tuple(t.shape)}\0{kind}\0".encode())
         if t.device.type == "meta":
             h.update(b"<meta>")
             continue
@@ -285,9 +287,10 @@ def run_trial(args) -> dict:
         cuda_init_s = time.perf_counter() - c0
     pf0 = faults()
     t0 = time.perf_counter()
-    model = load(args.path, **kwargs)
-    if move_after is not None:
-        model = model.to(move_after)
+    with torch.inference_mode() if args.inference_mode else contextlib.nullcontext():
+        model = load(args.path, **kwargs)
+        if move_after is not None:
+            model = model.to(move_after)
     if on_gpu:
         torch.cuda.synchronize()
     t1 = time.perf_counter()
@@ -381,6 +384,7 @@ def parse_args(argv=None):
     p.add_argument("--forward", action="store_true", help="also time a first forward pass")
     p.add_argument("--cuda-first", action="store_true",
                    help="create the CUDA context before the timer (recorded as cuda_init_s)")
+    p.add_argument("--inference-mode", action="store_true", help="load inside torch.inference_mode()")
     p.add_argument("--quant", choices=("8bit", "4bit"), default=None, help="bitsandbytes quantization_config (4bit: nf4)")
     return p.parse_args(argv)
 
