@@ -119,6 +119,33 @@ def test_device_map_forms(device_map, dtype, fp32_checkpoints):
     assert report_path(pair.report) == "fast"
 
 
+@needs_streaming
+@pytest.mark.parametrize("modes", ["device context", "default device", "inference mode", "both"])
+@pytest.mark.parametrize("dtype", [None, torch.bfloat16])
+def test_loads_under_the_callers_modes_match_stock(modes, dtype, fp32_checkpoints):
+    """`with torch.device("cuda"):` (stock turns it into device_map={"": device}),
+    torch.set_default_device and torch.inference_mode() around from_pretrained: the engine
+    allocates its CPU-side buffers on the CPU and hands over stock's kind of tensor
+    (fasthug_patch/thread_modes.py; tests/test_thread_modes.py runs the logic on the CPU)."""
+    import contextlib
+
+    entry = get("llama")
+    path = fp32_checkpoints(entry)
+    context = contextlib.ExitStack()
+    if modes in ("device context", "both"):
+        context.enter_context(torch.device("cuda"))
+    if modes in ("inference mode", "both"):
+        context.enter_context(torch.inference_mode())
+    if modes == "default device":
+        torch.set_default_device("cuda")
+        context.callback(torch.set_default_device, None)
+    with context:
+        pair = load_pair(entry, path, **(dtype_kwargs(dtype) if dtype else {}))
+    assert_same_model(pair.stock, pair.fast, context=f"{modes} dtype={dtype}")
+    assert next(pair.fast.parameters()).device.type == "cuda"
+    assert report_path(pair.report) == "fast"
+
+
 @pytest.mark.parametrize("name", [entry.name for entry in representative()])
 @pytest.mark.parametrize("how", ["cuda()", "to('cuda')", "to(device=cuda:0)"])
 def test_model_cuda_after_a_cpu_load_streams_and_matches_stock(name, how, fp32_checkpoints):
