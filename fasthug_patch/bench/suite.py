@@ -296,7 +296,7 @@ def render(root: str) -> str:
              "page resident (one byte read in every 4 KiB page), with the modeling module imported "
              "beforehand. Cold runs evict the checkpoint's pages with `posix_fadvise(POSIX_FADV_DONTNEED)` "
              "before every trial. *Same model* means every stock and patched trial gave the same digest "
-             "(sha256, or xxh3-128 where xxhash is installed) over all weights' names, dtypes, shapes, inference-tensor flags and bytes, and the same tied groups, and the first "
+             "(sha256, or xxh3-128 where xxhash is installed) over all weights' names, dtypes, shapes and bytes, and the same tied groups, and the first "
              "forward pass (16 fixed tokens, timed after the load) the same logits. *Patched GB/s* is the "
              "checkpoint's bytes over patched time to ready.", "",
              "The checkpoints are Llama-architecture models with seeded random weights built locally "
