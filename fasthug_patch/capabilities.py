@@ -63,6 +63,7 @@ class Facts:
     parallel_shard_env: bool = False
     disable_mmap: bool = False
     dtensor_params: bool = False
+    torch_modes: tuple[str, ...] = ()  # torch function / dispatch modes of the calling thread
     extra: dict = field(default_factory=dict)
 
 
@@ -289,6 +290,12 @@ RULES: list[Rule] = [
         "disable-mmap", "call", "disable_mmap=True",
         lambda f: f.disable_mmap,
         lambda f: "disable_mmap=True asks for no memory map; the stock loader reads the file whole",
+    ),
+    Rule(
+        "torch-modes", "call", "a torch function or dispatch mode (other than a default device) is active",
+        lambda f: bool(f.torch_modes),
+        lambda f: f"{', '.join(f.torch_modes)} is active where from_pretrained was called: stock runs its "
+        "loading ops under it, the fast path's reader threads would not",
     ),
     # -- checked with transformers' resolved loading arguments ---------------------
     Rule(

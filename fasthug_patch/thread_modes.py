@@ -29,6 +29,28 @@ import functools
 from fasthug_patch.errors import FastPathError
 
 
+def user_torch_modes() -> tuple[str, ...]:
+    """The torch function and dispatch modes active on this thread, by class name, other
+    than a default device (which the engine handles). Stock runs its loading ops under them
+    (every one on 4.x; 5.x's conversions and synchronous loads); the engine's threads, where
+    no mode is active, would not: a mode that changes what an op makes would make another
+    model. So a load under one goes to stock (the capability table's torch-modes rule)."""
+    import torch
+
+    if not (torch._C._len_torch_function_stack() or torch._C._len_torch_dispatch_stack()):
+        return ()
+    try:
+        from torch.overrides import _get_current_function_mode_stack
+        from torch.utils._device import DeviceContext
+        from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
+
+        modes = [m for m in _get_current_function_mode_stack() if not isinstance(m, DeviceContext)]
+        modes += list(_get_current_dispatch_mode_stack())
+    except Exception:  # noqa: BLE001 - torch moved its private helpers: a mode of some kind is active
+        return ("an unidentified torch mode",)
+    return tuple(type(mode).__name__ for mode in modes)
+
+
 def callers_modes_off():
     """Context: tensors made inside are plain ones, on the CPU unless a device is named,
     whatever the calling thread set (views of an inference tensor stay inference tensors:

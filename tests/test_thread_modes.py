@@ -173,3 +173,51 @@ def test_the_engine_makes_plain_cpu_tensors_whatever_the_callers_modes(tiny, mod
             assert torch.equal(fp16, expected[ref.name].half())
     finally:
         engine.close()
+
+
+# -- torch modes of the caller ------------------------------------------------------------------
+
+class _Doubling:
+    """A dispatch mode that changes what a copy makes (doubles every floating result)."""
+
+    @staticmethod
+    def make():
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        class Doubling(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                out = func(*args, **(kwargs or {}))
+                if func is torch.ops.aten._to_copy.default and out.is_floating_point():
+                    out.mul_(2)
+                return out
+
+        return Doubling()
+
+
+def _counting_mode():
+    from torch.overrides import TorchFunctionMode
+
+    class Counting(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    return Counting()
+
+
+@pytest.mark.parametrize("mode", ["dispatch", "function"])
+def test_a_load_under_a_torch_mode_goes_to_stock(tiny, mode):
+    """Stock runs its loading ops under the caller's mode (4.x every one, 5.x its conversions
+    and synchronous loads); the engine's threads would not, so such a load is stock's."""
+    make = _Doubling.make if mode == "dispatch" else _counting_mode
+    with make():
+        pair = load_pair(transformers.AutoModelForCausalLM, tiny["fp32"], **dtype_kwargs(BF16))
+    assert pair.report.path == "fallback" and "is active where from_pretrained was called" in pair.report.reason
+    assert ("Doubling" if mode == "dispatch" else "Counting") in pair.report.reason
+    assert_same_pair(pair, _inputs(), context=f"under a {mode} mode")
+
+
+def test_a_default_device_is_not_a_mode_that_sends_the_load_to_stock(tiny):
+    with torch.device("cpu"):
+        pair = load_pair(transformers.AutoModelForCausalLM, tiny["fp32"], **dtype_kwargs(BF16))
+    assert pair.report.path == "fast", pair.report
+    assert_same_pair(pair, _inputs(), context="inside torch.device('cpu')")

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import wrapt
 
-from fasthug_patch import capabilities, device_move, loadcall
+from fasthug_patch import capabilities, device_move, loadcall, thread_modes
 from fasthug_patch.capabilities import Facts
 from fasthug_patch.errors import CheckpointPathError, FastPathError
 
@@ -153,6 +153,7 @@ class Adapter:
             disk_offload=bool(kwargs.get("offload_folder") or kwargs.get("offload_state_dict")),
             parallel_shard_env=self._parallel_shard_env(),
             disable_mmap=bool(kwargs.get("disable_mmap")),
+            torch_modes=thread_modes.user_torch_modes(),
         )
 
     def _deepspeed_zero3(self) -> bool:
