@@ -16,7 +16,7 @@ import time
 import weakref
 
 from fasthug_patch import activation, settings
-from fasthug_patch.thread_modes import as_made_here
+from fasthug_patch.thread_modes import as_made_here, user_torch_modes
 from fasthug_patch.report import LOGGER_NAME
 
 logger = logging.getLogger(LOGGER_NAME)
@@ -65,6 +65,7 @@ def _eligible(model) -> bool:
         and was_fast_loaded(model)
         and not getattr(model, "is_quantized", False)
         and getattr(model, "hf_quantizer", None) is None
+        and not user_torch_modes()  # torch's move runs its copies under them; the ring's would not
     )
 
 

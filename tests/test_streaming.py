@@ -300,6 +300,20 @@ def test_only_fast_loaded_models_stream():
     assert device_move._to_target(("cuda", torch.float16), {}) is None  # a dtype: torch's own move
 
 
+def test_a_move_under_a_torch_mode_is_left_to_torch():
+    """torch's own move runs its copies under the caller's function or dispatch mode, the
+    ring's threads would not; a default device is no such mode."""
+    from torch.overrides import TorchFunctionMode
+
+    model = _Tiny()
+    device_move.note_fast_loaded(model)
+    assert device_move._eligible(model)
+    with TorchFunctionMode():
+        assert not device_move._eligible(model)
+    with torch.device("cpu"):
+        assert device_move._eligible(model)
+
+
 class _Refusing(devices.StandInBackend):
     """Pins every chunk but the ``refuse``-th it is asked to."""
 
