@@ -16,8 +16,8 @@ import time
 import weakref
 
 from fasthug_patch import activation, settings
-from fasthug_patch.thread_modes import as_made_here, user_torch_modes
 from fasthug_patch.report import LOGGER_NAME
+from fasthug_patch.thread_modes import as_made_here, user_torch_modes
 
 logger = logging.getLogger(LOGGER_NAME)
 

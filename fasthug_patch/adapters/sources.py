@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from fasthug_patch.errors import FastPathError
-from fasthug_patch.thread_modes import as_made_here
 from fasthug_patch.plan import TensorRef
+from fasthug_patch.thread_modes import as_made_here
 
 
 class MappedSource:
