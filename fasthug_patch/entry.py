@@ -16,7 +16,7 @@ import logging
 import threading
 import time
 
-from fasthug_patch import activation, capabilities, device_move, loadcall
+from fasthug_patch import activation, capabilities, device_move, loadcall, rng_state
 from fasthug_patch.errors import DistributedLoadError
 from fasthug_patch.report import LOGGER_NAME, LoadReport, publish
 
@@ -86,6 +86,7 @@ def _no_gc_pause():
 
 def _fast(wrapped, args, kwargs, report: LoadReport, cls=None):
     retry_kwargs = {k: copy.deepcopy(v) for k, v in kwargs.items() if k in _MUTABLE_KWARGS}
+    rng = rng_state.snapshot()  # a redo by stock starts from the call's random state
     began = time.perf_counter()
     call = loadcall.LoadCall(report)
     call.device_map = kwargs.get("device_map")
@@ -122,6 +123,7 @@ def _fast(wrapped, args, kwargs, report: LoadReport, cls=None):
                        why, report.source)
         call.close(failed=True)
         reason = f"fast path error: {exc!r}" if changed is None else f"{changed} (meanwhile: {exc!r})"
+        rng.restore()
         return _stock(wrapped, args, {**kwargs, **retry_kwargs}, report, reason)
     finally:
         call.close(failed=failed)

@@ -210,6 +210,10 @@ class LoadedPair:
     fast: Any
     fast_info: dict
     report: Any  # fasthug_patch.last_report() right after the fast load
+    # torch's CPU generator state right after each load (both seeded alike before it): the
+    # fast path draws what stock draws, no more, no less
+    stock_rng: Any = None
+    fast_rng: Any = None
 
 
 def load_model(auto_class, path, **kwargs):
@@ -240,13 +244,15 @@ def load_pair(auto_class, path, **kwargs) -> LoadedPair:
 
     with fasthug_patch.disabled():
         stock, stock_info = load_model(auto_class, path, **kwargs)
+        stock_rng = torch.get_rng_state()
     with fasthug_patch.enabled():
         before = fasthug_patch.last_report()
         fast, fast_info = load_model(auto_class, path, **kwargs)
+        fast_rng = torch.get_rng_state()
         report = fasthug_patch.last_report()
     if report is not None and report is before:
         report = None  # stale: this load did not go through the patch at all
-    return LoadedPair(stock, stock_info, fast, fast_info, report)
+    return LoadedPair(stock, stock_info, fast, fast_info, report, stock_rng, fast_rng)
 
 
 def adopt_values_stock_leaves_undefined(pair: LoadedPair, auto_class, path, **kwargs) -> list[str]:
@@ -679,6 +685,9 @@ def assert_same_model(stock, fast, inputs: dict | None = None, *, stock_info=Non
 
 def assert_same_pair(pair: LoadedPair, inputs: dict | None = None, context: str = "") -> None:
     assert_same_model(pair.stock, pair.fast, inputs, stock_info=pair.stock_info, fast_info=pair.fast_info, context=context)
+    if pair.stock_rng is not None and pair.fast_rng is not None:
+        assert torch.equal(pair.stock_rng, pair.fast_rng), (
+            f"{context + ': ' if context else ''}the fast load left torch's random generator elsewhere than stock")
 
 
 def report_path(report) -> str:

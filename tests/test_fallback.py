@@ -51,6 +51,36 @@ def test_error_inside_fast_path_gives_stock_model_and_warning(tiny, monkeypatch,
     assert state_bytes(model) == state_bytes(_stock(tiny, **{DTYPE_KWARG: torch.float32}))
 
 
+def test_a_redo_by_stock_starts_from_the_calls_random_state(tmp_path, monkeypatch):
+    """4.57 initialises missing weights before it loads the others: a fast attempt that then
+    fails has drawn random numbers already. Stock's redo must still give the weights, and
+    leave the generators, as a plain stock call with the same seed does."""
+    import random
+
+    import numpy
+
+    import fasthug_patch.engine.materialize as materialize
+    from tests.parity import assert_same_model, edit_safetensors, load_model
+
+    path = save_tiny_llama(str(tmp_path / "missing"))
+    edit_safetensors(f"{path}/model.safetensors", drop=["model.layers.0.mlp.up_proj.weight"])
+
+    def load(fast):
+        torch.manual_seed(7), random.seed(7), numpy.random.seed(7)
+        with fasthug_patch.enabled() if fast else fasthug_patch.disabled():
+            model, _ = load_model(AutoModelForCausalLM, path, **{DTYPE_KWARG: torch.bfloat16})
+        return model, (torch.rand(4), random.random(), numpy.random.rand())
+
+    stock, stock_draws = load(fast=False)
+    monkeypatch.setattr(materialize.Materializer, "submit",
+                        lambda *a, **k: (_ for _ in ()).throw(RuntimeError("simulated failure")))
+    redone, redone_draws = load(fast=True)
+    assert fasthug_patch.last_report().path == "fallback"
+    assert stock.config.to_dict() == redone.config.to_dict()
+    assert_same_model(stock, redone, context="stock's redo after a failed fast attempt")  # the missing weight too
+    assert torch.equal(stock_draws[0], redone_draws[0]) and stock_draws[1:] == redone_draws[1:]
+
+
 def test_missing_checkpoint_raises_the_stock_error(tmp_path):
     missing = str(tmp_path / "nowhere")
     with pytest.raises(Exception) as stock_error:
