@@ -440,13 +440,16 @@ def test_the_devices_a_ring_is_warmed_for(device_map, names, monkeypatch):
 
 def test_a_move_in_inference_mode_hands_over_what_torch_makes_there(standin):
     """model.to(device) inside torch.inference_mode() makes its copies on this thread, as
-    inference tensors; the ring's copies, made by its threads, are handed over the same way."""
+    inference tensors; the ring's copies, made by its threads, are handed over the same way.
+    (The engine and its ring are made before the mode: a process's ring is made on first
+    use, inside an engine entry point or a reader thread, never in the caller's mode.)"""
     torch.manual_seed(0)
     streamed = _Tiny()
     torch.manual_seed(0)
     moved = _Tiny()
+    engine, _ = _engine(standin)
     with torch.inference_mode():
-        assert device_move._stream(streamed, "cuda:0", lambda t: t.clone(), lambda: _engine(standin)[0])
+        assert device_move._stream(streamed, "cuda:0", lambda t: t.clone(), lambda: engine)
         with torch.no_grad():
             moved._apply(lambda t: t.clone())  # torch's own move, the stand-in device being the CPU
     kinds = {}

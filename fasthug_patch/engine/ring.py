@@ -17,7 +17,7 @@ import atexit
 import queue
 import threading
 
-from fasthug_patch import settings, thread_modes
+from fasthug_patch import settings
 from fasthug_patch.engine import devices
 
 
@@ -38,8 +38,7 @@ class StagingRing:
         self.backend = backend
         self.slot_bytes = slot_bytes - slot_bytes % 64  # every dtype's element size divides it
         self.slots = slots
-        with thread_modes.callers_modes_off():  # kept for the process, written by reader threads
-            block = backend.host_buffer(self.slots * self.slot_bytes)  # one pinned allocation
+        block = backend.host_buffer(self.slots * self.slot_bytes)  # one pinned allocation
         self._all = [Slot(i, block[i * self.slot_bytes : (i + 1) * self.slot_bytes]) for i in range(slots)]
         self._free: queue.SimpleQueue = queue.SimpleQueue()
         for slot in self._all:
@@ -69,8 +68,7 @@ class StagingRing:
                 if slot.scratch is None:
                     import torch
 
-                    with thread_modes.callers_modes_off():
-                        slot.scratch = self.backend.device_empty((self.slot_bytes,), torch.uint8)
+                    slot.scratch = self.backend.device_empty((self.slot_bytes,), torch.uint8)
         return slot.scratch
 
 
