@@ -177,21 +177,18 @@ def test_the_engine_makes_plain_cpu_tensors_whatever_the_callers_modes(tiny, mod
 
 # -- torch modes of the caller ------------------------------------------------------------------
 
-class _Doubling:
+def _doubling_mode():
     """A dispatch mode that changes what a copy makes (doubles every floating result)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
 
-    @staticmethod
-    def make():
-        from torch.utils._python_dispatch import TorchDispatchMode
+    class Doubling(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func is torch.ops.aten._to_copy.default and out.is_floating_point():
+                out.mul_(2)
+            return out
 
-        class Doubling(TorchDispatchMode):
-            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-                out = func(*args, **(kwargs or {}))
-                if func is torch.ops.aten._to_copy.default and out.is_floating_point():
-                    out.mul_(2)
-                return out
-
-        return Doubling()
+    return Doubling()
 
 
 def _counting_mode():
@@ -208,7 +205,7 @@ def _counting_mode():
 def test_a_load_under_a_torch_mode_goes_to_stock(tiny, mode):
     """Stock runs its loading ops under the caller's mode (4.x every one, 5.x its conversions
     and synchronous loads); the engine's threads would not, so such a load is stock's."""
-    make = _Doubling.make if mode == "dispatch" else _counting_mode
+    make = _doubling_mode if mode == "dispatch" else _counting_mode
     with make():
         pair = load_pair(transformers.AutoModelForCausalLM, tiny["fp32"], **dtype_kwargs(BF16))
     assert pair.report.path == "fallback" and "is active where from_pretrained was called" in pair.report.reason
