@@ -31,5 +31,7 @@ __all__ = [
 ]
 
 from fasthug_patch import activation as _activation  # noqa: E402
+from fasthug_patch import settings_check as _settings_check  # noqa: E402
 
 _activation.enable_from_import()
+_settings_check.warn_once()  # a FASTHUG_* setting the plugin cannot use is no longer silent

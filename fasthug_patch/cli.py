@@ -1,8 +1,9 @@
-"""``fasthug-patch``: benchmark, demo and explain.
+"""``fasthug-patch``: benchmark, demo, explain and env.
 
     fasthug-patch bench MODEL_OR_PATH [-n 5] [--warmup 1] [--cold] [--dtype bf16] [--json F] [--plot F]
     fasthug-patch demo
     fasthug-patch explain MODEL_OR_PATH [--device-map cpu] [--dtype bf16]
+    fasthug-patch env
 
 torch and transformers are imported only inside the subcommands that need them (bench
 and demo import neither here: the trials run in fresh processes).
@@ -23,7 +24,7 @@ DTYPE_CHOICES = ("default", "auto", "bf16", "fp16", "fp32", "bfloat16", "float16
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fasthug-patch", description="fasthug_patch: faster from_pretrained, "
                                 "same model bit for bit.")
-    sub = p.add_subparsers(dest="command", required=True, metavar="{bench,demo,explain}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="{bench,demo,explain,env}")
 
     b = sub.add_parser("bench", help="stock vs patched from_pretrained, fresh process per trial, ABBA order")
     b.add_argument("model", metavar="MODEL_OR_PATH")
@@ -58,6 +59,9 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("model", metavar="MODEL_OR_PATH")
     e.add_argument("--device-map", default=None)
     e.add_argument("--dtype", choices=DTYPE_CHOICES, default="default")
+
+    sub.add_parser("env", help="versions, what the capability table makes of them, the machine, and every "
+                   "setting's value (paste it into a bug report)")
     return p
 
 
@@ -69,6 +73,11 @@ def main(argv=None) -> int:
         return _demo()
     if args.command == "explain":
         return _explain(args)
+    if args.command == "env":
+        from fasthug_patch import env_report
+
+        print("\n".join(env_report.lines()))
+        return 0
     return 2  # pragma: no cover
 
 

@@ -192,7 +192,7 @@ def peer_group() -> tuple[PeerGroup | None, str]:
         return None, NOT_A_JOB
     if store is None:
         return None, "no store to coordinate through (neither an initialised process group nor torchrun's agent store)"
-    host = os.environ.get("FASTHUG_DIST_HOST") or socket.gethostname()
+    host = settings.dist_host(socket.gethostname())
     run_id = f"{os.environ.get('TORCHELASTIC_RUN_ID', '')}/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
     local_rank, local_world = _int_env("LOCAL_RANK"), _int_env("LOCAL_WORLD_SIZE")
     return PeerGroup(store, rank, world, host, settings.dist_timeout_seconds(), run_id, local_rank, local_world), ""

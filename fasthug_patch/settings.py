@@ -26,11 +26,17 @@ HUGE_PAGES_VAR = "FASTHUG_HUGE_PAGES"
 CAST_AHEAD_VAR = "FASTHUG_CAST_AHEAD"
 DIST_VAR = "FASTHUG_DIST"
 DIST_TIMEOUT_VAR = "FASTHUG_DIST_TIMEOUT_S"
+DIST_HOST_VAR = "FASTHUG_DIST_HOST"
 UNVERIFIED_GPU_VAR = "FASTHUG_UNVERIFIED_GPU"
 
 # Pinned staging ring per device: slots x MiB. Enough slots for every reader thread to
 # have one filling while the copy engine drains the others.
 DEFAULT_RING = (16, 32)
+# Defaults of the numeric settings (their readers below say why these values).
+DEFAULT_THREADS = 16
+DEFAULT_CHUNK_MB = 16
+DEFAULT_PIN_CHUNK_MB = 256
+DEFAULT_DIST_TIMEOUT_S = 600.0
 
 IO_MODES = ("auto", "mmap", "read", "direct")
 
@@ -62,7 +68,7 @@ def reader_threads() -> int:
     """Threads that read and materialise tensors. Sixteen measured best on the 2-core
     reference machine with a network disk (cold reads need the queue depth; warm loads
     lost nothing to the extra threads). See bench/io_strategies.py and docs/design.md."""
-    return env_int(THREADS_VAR, 16)
+    return env_int(THREADS_VAR, DEFAULT_THREADS)
 
 
 def cast_threads() -> int:
@@ -75,7 +81,7 @@ def cast_threads() -> int:
 
 def chunk_bytes() -> int:
     """Largest piece of one tensor a thread casts or prefaults at a time."""
-    return env_int(CHUNK_MB_VAR, 16) << 20
+    return env_int(CHUNK_MB_VAR, DEFAULT_CHUNK_MB) << 20
 
 
 def populate_mapped() -> bool | None:
@@ -153,7 +159,7 @@ def pin_chunk_bytes() -> int:
     """FASTHUG_PIN_CHUNK_MB: a pinned file is registered in chunks of this many MiB, on
     several reader threads at once, each tensor's DMA waiting only for its own chunks
     (default 256)."""
-    return max(1, env_int(PIN_CHUNK_VAR, 256)) << 20
+    return max(1, env_int(PIN_CHUNK_VAR, DEFAULT_PIN_CHUNK_MB)) << 20
 
 
 def huge_pages() -> bool:
@@ -185,4 +191,11 @@ def _env_seconds(name: str, default: float) -> float:
 
 def dist_timeout_seconds() -> float:
     """How long a rank waits for a chunk another rank claimed to be read before raising."""
-    return _env_seconds(DIST_TIMEOUT_VAR, 600.0)
+    return _env_seconds(DIST_TIMEOUT_VAR, DEFAULT_DIST_TIMEOUT_S)
+
+
+def dist_host(default: str) -> str:
+    """FASTHUG_DIST_HOST: the host name ranks group by when they share the reading (default
+    the machine's own): only ranks with the same one share. Set it alike for ranks that see
+    one page cache under different host names (a container each on one machine)."""
+    return os.environ.get(DIST_HOST_VAR, "").strip() or default

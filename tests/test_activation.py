@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from tests.tiny import run_python, save_tiny_llama
+from tests.tiny import ROOT, run_python, save_tiny_llama
 
 
 @pytest.fixture(scope="module")
@@ -111,6 +111,24 @@ def test_pth_hook_activates_with_env(tiny):
         env={"FASTHUG_ENABLE": "1"},
     ))
     assert out == {"loaded": True, "torch": False}
+
+
+def test_installed_pth_is_this_checkouts():
+    """The hook tests run the installed copy: it must be the one in fasthug_patch/startup."""
+    _, installed = _installed_pth()
+    source = os.path.join(ROOT, "fasthug_patch", "startup", "fasthug_patch.pth")
+    with open(installed) as a, open(source) as b:
+        assert a.read() == b.read(), "the installed fasthug_patch.pth is stale: reinstall the package"
+
+
+@pytest.mark.parametrize("value, says", [("maybe", True), ("0", False), ("", False), ("off", False)])
+def test_pth_hook_leaves_the_plugin_off_for_a_word_it_does_not_know_and_says_so(value, says):
+    _installed_pth()
+    proc = run_python("import sys; print('fasthug_patch' in sys.modules)", env={"FASTHUG_ENABLE": value})
+    assert proc.returncode == 0 and proc.stdout.strip() == "False", proc.stderr[-2000:]
+    message = (f"fasthug_patch: FASTHUG_ENABLE={value!r} is not 1/true/yes/on or 0/false/no/off; "
+               "the startup hook leaves the plugin off")
+    assert (message in proc.stderr) == says, proc.stderr
 
 
 def test_disable_restores_exact_originals(tiny):
