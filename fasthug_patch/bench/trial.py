@@ -102,6 +102,12 @@ def _hasher():
         return hashlib.sha256()
 
 
+def digest_algorithm() -> str:
+    """The digests' algorithm as the results name it: "sha256" or "xxh3_128" (xxhash's own
+    name for it is "XXH3_128")."""
+    return _hasher().name.lower()
+
+
 def weights_digest(model) -> str:
     """A digest (see _hasher) over (name, dtype, shape, whether an inference tensor, raw bytes)
     of every tensor, in sorted name order."""
@@ -364,7 +370,7 @@ def run_trial(args) -> dict:
         "n_tensors": len(named_tensors(model)),
         "dtypes": dtype_counts(model),
         "digest": digest,
-        "digest_algorithm": _hasher().name,
+        "digest_algorithm": digest_algorithm(),
         "tie_digest": ties,
         "fasthug": report,
         "fasthug_imported": "fasthug_patch" in sys.modules,
