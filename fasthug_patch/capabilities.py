@@ -99,7 +99,8 @@ def adapter_line(version: str) -> str | None:
     return None
 
 
-def _span() -> str:
+def tested_span() -> str:
+    """The minor lines the matrix checks, first to last ("4.43 to 5.24")."""
     low, high = min(TESTED), max(TESTED)
     return f"{low[0]}.{low[1]} to {high[0]}.{high[1]}"
 
@@ -210,12 +211,12 @@ RULES: list[Rule] = [
     Rule(
         "no-adapter", "call", "transformers line without an adapter",
         lambda f: adapter_line(f.transformers_version) is None,
-        lambda f: f"transformers {f.transformers_version} has no fasthug_patch adapter (supported: {_span()})",
+        lambda f: f"transformers {f.transformers_version} has no fasthug_patch adapter (supported: {tested_span()})",
     ),
     Rule(
         "untested-version", "call", "transformers release not in the tested list",
         _untested,
-        lambda f: f"transformers {f.transformers_version} is untested (tested: {_span()}); "
+        lambda f: f"transformers {f.transformers_version} is untested (tested: {tested_span()}); "
         f"set {settings.ALLOW_UNTESTED_VAR}=1 to try the fast path anyway",
     ),
     Rule(

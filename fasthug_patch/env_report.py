@@ -50,7 +50,7 @@ def transformers_status(version: str | None) -> str:
         return "not installed"
     line = capabilities.adapter_line(version)
     if line is None:
-        return f"{version}: no adapter for this line (the plugin supports {capabilities._span()}): every load is stock's"
+        return f"{version}: no adapter for this line (the plugin supports {capabilities.tested_span()}): every load is stock's"
     if capabilities.version_tuple(version) in capabilities.TESTED:
         return f"{version}: adapter {line}, a tested line"
     if settings.allow_untested_versions():
