@@ -394,6 +394,7 @@ def test_pinning_ahead_is_opt_in_and_skips_cold_files(standin, checkpoint, monke
 
 _EXIT_DURING_WARMUP = """
 import sys, time
+import torch  # as in any process that loads: imported in the warm-up thread at exit, it fails on 3.12+
 from fasthug_patch.engine import devices, ring
 
 class SlowToPin(devices.StandInBackend):
