@@ -8,7 +8,7 @@
 #   bash scripts/python_versions.sh                  # 3.10 (4.57.6), 3.12 and 3.13 (5.24.0)
 #   bash scripts/python_versions.sh 3.12:5.24.0      # one
 #
-# Interpreters are found as pythonX.Y on PATH or under pyenv's versions.
+# Interpreters are found under pyenv's versions, else as pythonX.Y on PATH.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -16,9 +16,15 @@ cd "$(dirname "$0")/.."
 pairs=("$@")
 [ "${#pairs[@]}" -gt 0 ] || pairs=(3.10:4.57.6 3.12:5.24.0 3.13:5.24.0)
 
-find_python() {
-    command -v "python$1" 2>/dev/null && return
-    ls -d "${PYENV_ROOT:-$HOME/.pyenv}/versions/$1".*/bin/python 2>/dev/null | sort -V | tail -1
+find_python() {  # the first candidate that runs (a pyenv shim of an inactive version does not)
+    local candidate
+    for candidate in "$(ls -d "${PYENV_ROOT:-$HOME/.pyenv}/versions/$1".*/bin/python 2>/dev/null | sort -V | tail -1)" \
+                     "$(command -v "python$1" 2>/dev/null)"; do
+        if [ -n "$candidate" ] && "$candidate" -c "" 2>/dev/null; then
+            echo "$candidate"
+            return
+        fi
+    done
 }
 
 status=0
