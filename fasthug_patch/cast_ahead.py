@@ -116,14 +116,17 @@ def _worth_guessing(refs, dtype, device_map, config) -> bool:
 
 
 def _accelerator_present() -> bool:
-    """Whether torch sees any accelerator (CUDA, XPU, ...); True where it cannot say."""
+    """Whether torch has a usable accelerator (CUDA, XPU, ...); True where it cannot say.
+    Usable, not built in: PyPI's default torch is a CUDA build, whose current_accelerator()
+    names CUDA on a machine with no GPU, where stock's automatic map puts every weight on
+    the CPU."""
     import torch
 
     accelerator = getattr(torch, "accelerator", None)
-    if accelerator is None or not hasattr(accelerator, "current_accelerator"):
+    if accelerator is None or not hasattr(accelerator, "is_available"):
         return True
     try:
-        return accelerator.current_accelerator() is not None
+        return bool(accelerator.is_available())
     except Exception:  # noqa: BLE001 - a guess: assume one
         return True
 

@@ -189,10 +189,22 @@ def test_without_a_device_map_a_quantised_load_is_guessed_only_where_there_is_no
 
 def test_accelerator_presence_is_what_torch_says():
     accelerator = getattr(torch, "accelerator", None)
-    if accelerator is None or not hasattr(accelerator, "current_accelerator"):
+    if accelerator is None or not hasattr(accelerator, "is_available"):
         assert cast_ahead._accelerator_present()  # cannot tell: assume one
     else:
-        assert cast_ahead._accelerator_present() == (accelerator.current_accelerator() is not None)
+        assert cast_ahead._accelerator_present() == accelerator.is_available()
+
+
+@pytest.mark.skipif(not hasattr(getattr(torch, "accelerator", None), "is_available"), reason="torch before 2.6")
+def test_a_cuda_build_on_a_machine_without_a_gpu_has_no_accelerator(monkeypatch):
+    """PyPI's default torch is a CUDA build: without a GPU its current_accelerator() still
+    names CUDA, but stock's automatic map puts the weights on the CPU, so the casts can be
+    guessed ahead there too."""
+    monkeypatch.setattr(torch.accelerator, "current_accelerator", lambda *a, **k: torch.device("cuda"))
+    monkeypatch.setattr(torch.accelerator, "is_available", lambda: False)
+    assert not cast_ahead._accelerator_present()
+    monkeypatch.setattr(torch.accelerator, "is_available", lambda: True)
+    assert cast_ahead._accelerator_present()
 
 
 def test_modules_the_class_keeps_in_fp32_are_not_guessed():
