@@ -41,17 +41,19 @@ DEFAULT_DIST_TIMEOUT_S = 600.0
 IO_MODES = ("auto", "mmap", "read", "direct")
 
 
-def env_flag(name: str) -> bool | None:
-    """True / False for a recognised word, None when unset or unrecognised."""
-    value = os.environ.get(name)
-    if value is None:
-        return None
-    word = value.strip().lower()
+def flag_word(value: str | None) -> bool | None:
+    """True / False for a recognised word, None for None or an unrecognised one."""
+    word = (value or "").strip().lower()
     if word in TRUE_WORDS:
         return True
     if word in FALSE_WORDS:
         return False
     return None
+
+
+def env_flag(name: str) -> bool | None:
+    """True / False for a recognised word, None when unset or unrecognised."""
+    return flag_word(os.environ.get(name))
 
 
 def env_int(name: str, default: int, minimum: int = 1) -> int:
@@ -129,15 +131,18 @@ def unverified_gpu_paths() -> bool:
 def ring_shape() -> tuple[int, int]:
     """FASTHUG_RING="SLOTSxMIB" (e.g. "8x64"): the staging ring's slots and slot size in
     bytes; malformed or unset gives the default, 16 x 32 MiB."""
-    value = os.environ.get(RING_VAR, "").strip().lower()
-    slots, mib = DEFAULT_RING
-    if "x" in value:
-        left, _, right = value.partition("x")
-        try:
-            slots, mib = max(1, int(left)), max(1, int(right))
-        except ValueError:
-            slots, mib = DEFAULT_RING
+    counts = ring_counts(os.environ.get(RING_VAR, ""))
+    slots, mib = (max(1, counts[0]), max(1, counts[1])) if counts else DEFAULT_RING
     return slots, mib << 20
+
+
+def ring_counts(value: str) -> tuple[int, int] | None:
+    """The two whole numbers of "SLOTSxMIB" as written (not yet raised to 1), or None."""
+    left, cross, right = value.strip().lower().partition("x")
+    try:
+        return (int(left), int(right)) if cross else None
+    except ValueError:
+        return None
 
 
 def stream_model_moves() -> bool:

@@ -10,7 +10,6 @@ every setting has. Kept free of heavy imports, like settings.py.
 
 from __future__ import annotations
 
-import difflib
 import os
 import warnings
 from typing import Callable
@@ -35,8 +34,7 @@ _FLAG_WORDS = "1/true/yes/on or 0/false/no/off"
 
 def _flag(unset: str) -> Callable[[str], str | None]:
     def check(value: str) -> str | None:
-        word = value.strip().lower()
-        if word in s.TRUE_WORDS or word in s.FALSE_WORDS:
+        if s.flag_word(value) is not None:
             return None
         return f"is not {_FLAG_WORDS}; counted as unset ({unset})"
 
@@ -75,11 +73,7 @@ def _io_mode(value: str) -> str | None:
 
 def _ring(value: str) -> str | None:
     slots, mib = s.DEFAULT_RING
-    left, cross, right = value.strip().lower().partition("x")
-    try:
-        counts = (int(left), int(right)) if cross else None
-    except ValueError:
-        counts = None
+    counts = s.ring_counts(value)
     if counts is None:
         return f"is not SLOTSxMIB (e.g. 8x64); using the default ring, {slots}x{mib}"
     return "has a number below 1; using 1 for it" if min(counts) < 1 else None
@@ -126,6 +120,8 @@ def problems(environ=None) -> list[str]:
             if trouble:
                 found.append(f"{name}={value!r} {trouble}")
         elif name not in TOOL_VARS:
+            import difflib  # only here: the import itself runs this scan
+
             # Matched without the prefix, which every name shares.
             close = difflib.get_close_matches(name[len(PREFIX):], [n[len(PREFIX):] for n in CHECKS], n=1)
             hint = f" (did you mean {PREFIX}{close[0]}?)" if close else ""
